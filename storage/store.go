@@ -1,0 +1,156 @@
+// Package storage is the contract between the broker and its message
+// stores: the Store interface, the stored message, and the errors every
+// backend returns. The memory store lives in storage/memory; every backend
+// passes the conformance suite in storage/storagetest.
+package storage
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/kiteq/kiteq/protocol"
+)
+
+// Errors a Store returns. Backends wrap them with context; callers test
+// with errors.Is.
+var (
+	// ErrNotFound: no live message has that id (never stored, deleted,
+	// rolled back or dead-lettered).
+	ErrNotFound = errors.New("storage: message not found")
+	// ErrFull: the store refuses new messages until some are finished.
+	ErrFull = errors.New("storage: store is full")
+	// ErrDecided: a transaction decision contradicts the one already made
+	// (a commit after a rollback, or a rollback after a commit).
+	ErrDecided = errors.New("storage: transaction already decided")
+	// ErrClosed: the store has been closed.
+	ErrClosed = errors.New("storage: store is closed")
+	// ErrInvalid: the message cannot be stored as it is.
+	ErrInvalid = errors.New("storage: invalid message")
+)
+
+// Message is a stored message: the header and body as the producer sent
+// them, and the delivery state the broker keeps beside them.
+type Message struct {
+	// Cmd is protocol.CmdStringMessage or protocol.CmdBytesMessage: how the
+	// message is delivered.
+	Cmd    protocol.CmdType
+	Header *protocol.Header
+	Body   []byte
+
+	// Committed is false for a transactional message with no decision yet.
+	Committed bool
+	// DeliverCount counts delivery rounds so far.
+	DeliverCount int32
+	// NextDeliverTime is when the message is next due: for delivery when
+	// committed, for a transaction check otherwise.
+	NextDeliverTime time.Time
+	// SuccGroups lists the groups that acknowledged the message; FailGroups
+	// the groups whose last delivery failed. A retry goes to FailGroups only.
+	SuccGroups []string
+	FailGroups []string
+}
+
+// ID returns the message id.
+func (m *Message) ID() string { return m.Header.GetMessageId() }
+
+// NewMessage returns the stored form of a message received from a producer.
+func NewMessage(msg protocol.Message, now time.Time) *Message {
+	m := &Message{Cmd: protocol.MessageCmd(msg), Header: msg.GetHeader(), NextDeliverTime: now}
+	m.Committed = m.Header.GetCommit()
+	switch v := msg.(type) {
+	case *protocol.StringMessage:
+		m.Body = []byte(v.GetBody())
+	case *protocol.BytesMessage:
+		m.Body = v.GetBody()
+	}
+	return m
+}
+
+// Protocol returns m as the packet body to deliver: a StringMessage or a
+// BytesMessage according to Cmd.
+func (m *Message) Protocol() protocol.Message {
+	if m.Cmd == protocol.CmdBytesMessage {
+		return &protocol.BytesMessage{Header: m.Header, Body: m.Body}
+	}
+	body := string(m.Body)
+	return &protocol.StringMessage{Header: m.Header, Body: &body}
+}
+
+// Clone returns a deep copy of m, so a caller may keep it while the store
+// changes its own.
+func (m *Message) Clone() *Message {
+	c := *m
+	c.Header = protocol.Clone(m.Header)
+	c.Body = append([]byte(nil), m.Body...)
+	c.SuccGroups = append([]string(nil), m.SuccGroups...)
+	c.FailGroups = append([]string(nil), m.FailGroups...)
+	return &c
+}
+
+// DeliveryResult is the outcome of one delivery round of a message.
+type DeliveryResult struct {
+	MessageID       string
+	DeliverCount    int32
+	NextDeliverTime time.Time
+	// SuccGroups are the groups that acknowledged the message, in this round
+	// or before; FailGroups the groups still to be retried.
+	SuccGroups []string
+	FailGroups []string
+}
+
+// DueKind selects what Due pages through.
+type DueKind int
+
+const (
+	// DueDelivery: committed messages whose NextDeliverTime has come.
+	DueDelivery DueKind = iota
+	// DueTxCheck: uncommitted messages whose transaction check is due.
+	DueTxCheck
+)
+
+// DueQuery asks for up to Limit messages of Kind due at or before Before,
+// with ids above AfterID, in ascending id order. To page, pass the last id
+// of one page as AfterID of the next.
+type DueQuery struct {
+	Kind    DueKind
+	Before  time.Time
+	AfterID string
+	Limit   int
+}
+
+// DeadLetter is a message that ran out of retries or time, with the reason.
+type DeadLetter struct {
+	Message *Message
+	Reason  string
+	At      time.Time
+}
+
+// Store keeps messages from their publish until every group acknowledged
+// them. Implementations are safe for concurrent use. A method that returns
+// nil has made its change as durable as the store promises.
+type Store interface {
+	// Save stores a new message. Saving an id that already exists changes
+	// nothing and reports stored == false with a nil error.
+	Save(ctx context.Context, m *Message) (stored bool, err error)
+	// Get returns a copy of the live message with that id, or ErrNotFound.
+	Get(ctx context.Context, id string) (*Message, error)
+	// Commit marks an uncommitted message committed and due now. Committing
+	// a committed message succeeds; ErrNotFound after a rollback.
+	Commit(ctx context.Context, id string) error
+	// Rollback deletes an uncommitted message. Rolling back a missing
+	// message succeeds; ErrDecided when the message was committed.
+	Rollback(ctx context.Context, id string) error
+	// RecordDelivery stores the outcome of a delivery round.
+	RecordDelivery(ctx context.Context, r DeliveryResult) error
+	// Delete removes a finished message. Deleting a missing id succeeds.
+	Delete(ctx context.Context, id string) error
+	// Due pages through messages that are due, in ascending id order.
+	Due(ctx context.Context, q DueQuery) ([]*Message, error)
+	// DeadLetter moves a live message to the dead-letter queue.
+	DeadLetter(ctx context.Context, id string, reason string) error
+	// DeadLetters pages through the dead-letter queue in ascending id order.
+	DeadLetters(ctx context.Context, afterID string, limit int) ([]*DeadLetter, error)
+	// Close releases the store; later calls return ErrClosed.
+	Close() error
+}
