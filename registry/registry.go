@@ -7,6 +7,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"strings"
 
 	"github.com/kiteq/kiteq/registry/binding"
@@ -41,7 +42,8 @@ type Server interface {
 	PublishBindings(ctx context.Context, groupId string, bs []*binding.Binding) error
 	// Bindings returns the bindings of topic.
 	Bindings(topic string) []*binding.Binding
-	// WatchBindings calls fn each time the bindings of a topic change.
+	// WatchBindings calls fn with the bindings of every topic it knows now,
+	// then each time the bindings of a topic change.
 	WatchBindings(fn func(topic string, bs []*binding.Binding))
 	Close() error
 }
@@ -65,7 +67,9 @@ func ParseURI(s string) (URI, error) {
 	var hosts []string
 	for _, h := range strings.Split(rest, ",") {
 		if h = strings.TrimSpace(h); h != "" {
-			if !strings.Contains(h, ":") {
+			// SplitHostPort, not a search for ':', so that "host:" and a
+			// bare IPv6 address ("::1") are rejected too.
+			if _, port, err := net.SplitHostPort(h); err != nil || port == "" {
 				return URI{}, fmt.Errorf("registry: address %q in %q has no port", h, s)
 			}
 			hosts = append(hosts, h)

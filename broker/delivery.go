@@ -1,0 +1,360 @@
+package broker
+
+import (
+	"context"
+	"fmt"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/kiteq/kiteq/protocol"
+	"github.com/kiteq/kiteq/registry/binding"
+	"github.com/kiteq/kiteq/storage"
+)
+
+// flight is a message this broker is delivering: the message, and for
+// each matching group whether it acknowledged, how often it failed and
+// whether it gave up. A flight ends when every group acknowledged, was
+// skipped or gave up; then the message is deleted or dead-lettered.
+type flight struct {
+	e   *engine
+	msg *storage.Message
+	fly bool // never stored: no store calls
+
+	mu      sync.Mutex
+	groups  map[string]*groupState
+	pending int // groups that have not finished
+	ended   bool
+}
+
+type groupState struct {
+	attempts int32
+	result   deliveryResult
+	reason   string
+}
+
+type deliveryResult int
+
+const (
+	resultPending deliveryResult = iota
+	resultAcked
+	resultSkipped // no live consumer and a non-persistent binding
+	resultFailed  // this attempt failed; a retry follows
+	resultGaveUp  // delivery limit or expiry reached
+)
+
+// delivery is one message on its way to one group.
+type delivery struct {
+	f          *flight
+	g          *group
+	persistent bool
+}
+
+// groupResult records the outcome of one delivery attempt to g.
+func (f *flight) groupResult(d *delivery, r deliveryResult, reason string) {
+	e, g := f.e, d.g
+	now := e.now()
+	f.mu.Lock()
+	gs := f.groups[g.name]
+	if f.ended || gs == nil || gs.result == resultAcked || gs.result == resultGaveUp || gs.result == resultSkipped {
+		f.mu.Unlock()
+		return
+	}
+	var retryIn time.Duration
+	switch r {
+	case resultAcked, resultSkipped:
+		gs.result = r
+		f.pending--
+	case resultFailed:
+		gs.attempts++
+		gs.reason = reason
+		limit := f.msg.Header.GetDeliveryLimit()
+		switch {
+		case limit > 0 && gs.attempts >= limit:
+			gs.result = resultGaveUp
+			gs.reason = fmt.Sprintf("delivery limit %d reached; last failure: %s", limit, reason)
+			f.pending--
+		case now.After(e.expiry(f.msg)):
+			gs.result = resultGaveUp
+			gs.reason = fmt.Sprintf("expired at %s; last failure: %s", e.expiry(f.msg).UTC().Format(time.RFC3339), reason)
+			f.pending--
+		default:
+			gs.result = resultFailed
+			retryIn = e.retryDelay(gs.attempts)
+		}
+	}
+	finished := f.pending == 0
+	if finished {
+		f.ended = true
+	}
+	var record *storage.DeliveryResult
+	if !f.fly && r == resultFailed && !finished {
+		record = f.resultLocked(now.Add(retryIn))
+	}
+	var deadReason string
+	if finished {
+		deadReason = f.deadReasonLocked()
+	}
+	f.mu.Unlock()
+
+	if record != nil {
+		e.storeAsync("record delivery", func(ctx context.Context) error { return e.store.RecordDelivery(ctx, *record) })
+	}
+	if retryIn > 0 {
+		e.after(retryIn, func() { g.enqueue(d) })
+	}
+	if finished {
+		e.finish(f, deadReason)
+	}
+}
+
+// resultLocked is the delivery state to store after a failure.
+func (f *flight) resultLocked(next time.Time) *storage.DeliveryResult {
+	r := &storage.DeliveryResult{MessageID: f.msg.ID(), NextDeliverTime: next}
+	for name, gs := range f.groups {
+		r.DeliverCount = max(r.DeliverCount, gs.attempts)
+		switch gs.result {
+		case resultAcked, resultSkipped:
+			r.SuccGroups = append(r.SuccGroups, name)
+		case resultFailed, resultGaveUp:
+			r.FailGroups = append(r.FailGroups, name)
+		}
+	}
+	r.SuccGroups = append(r.SuccGroups, f.msg.SuccGroups...)
+	sort.Strings(r.SuccGroups)
+	sort.Strings(r.FailGroups)
+	return r
+}
+
+// deadReasonLocked is why the message goes to the dead-letter queue, or
+// "" when every group acknowledged it.
+func (f *flight) deadReasonLocked() string {
+	var reasons []string
+	for name, gs := range f.groups {
+		if gs.result == resultGaveUp {
+			reasons = append(reasons, name+": "+gs.reason)
+		}
+	}
+	sort.Strings(reasons)
+	return strings.Join(reasons, "; ")
+}
+
+// engine routes committed messages to groups and follows each delivery to
+// its end.
+type engine struct {
+	log   *zap.Logger
+	store storage.Store
+	opts  Options
+	stats *Stats
+	now   func() time.Time
+
+	mu      sync.Mutex
+	groups  map[string]*group
+	flights map[string]*flight
+	stopped bool
+
+	routes *router
+	wg     sync.WaitGroup // store calls and timers in progress
+	// timers ends retry timers when the engine stops; store calls in
+	// progress are waited for, not cancelled.
+	timers     context.Context
+	stopTimers context.CancelFunc
+}
+
+func newEngine(log *zap.Logger, store storage.Store, opts Options, stats *Stats) *engine {
+	ctx, cancel := context.WithCancel(context.Background())
+	return &engine{
+		log: log, store: store, opts: opts, stats: stats, now: time.Now,
+		groups: make(map[string]*group), flights: make(map[string]*flight),
+		routes: newRouter(), timers: ctx, stopTimers: cancel,
+	}
+}
+
+// group returns the group called name, creating it on first use.
+func (e *engine) group(name string) *group {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	g := e.groups[name]
+	if g == nil {
+		g = &group{name: name, e: e, watermark: e.routes.watermark(name)}
+		e.groups[name] = g
+	}
+	return g
+}
+
+// dispatch starts delivering a committed message to every group whose
+// binding matches it, except the groups that already acknowledged it.
+func (e *engine) dispatch(m *storage.Message, fly bool) {
+	h := m.Header
+	matches := e.routes.match(h.GetTopic(), h.GetMessageType())
+	done := make(map[string]bool, len(m.SuccGroups))
+	for _, g := range m.SuccGroups {
+		done[g] = true
+	}
+	e.mu.Lock()
+	if e.stopped || e.flights[m.ID()] != nil {
+		e.mu.Unlock()
+		return
+	}
+	f := &flight{e: e, msg: m, fly: fly, groups: make(map[string]*groupState, len(matches))}
+	var ds []*delivery
+	for _, mt := range matches {
+		if done[mt.group] {
+			continue
+		}
+		g := e.groups[mt.group]
+		if g == nil {
+			g = &group{name: mt.group, e: e, watermark: e.routes.watermark(mt.group)}
+			e.groups[mt.group] = g
+		}
+		f.groups[mt.group] = &groupState{}
+		ds = append(ds, &delivery{f: f, g: g, persistent: mt.persistent})
+	}
+	f.pending = len(ds)
+	if len(ds) > 0 {
+		e.flights[m.ID()] = f
+	}
+	e.mu.Unlock()
+
+	if len(ds) == 0 {
+		if len(matches) == 0 {
+			e.stats.Unrouted.Add(1)
+			e.log.Debug("unrouted message", zap.String("id", m.ID()), zap.String("topic", h.GetTopic()),
+				zap.String("messageType", h.GetMessageType()))
+		}
+		f.ended = true
+		e.finish(f, "")
+		return
+	}
+	for _, d := range ds {
+		d.g.enqueue(d)
+	}
+}
+
+// finish ends a flight: the message is deleted, or dead-lettered with the
+// reason when a group gave up.
+func (e *engine) finish(f *flight, deadReason string) {
+	id := f.msg.ID()
+	e.mu.Lock()
+	if e.flights[id] == f {
+		delete(e.flights, id)
+	}
+	e.mu.Unlock()
+	if deadReason == "" {
+		e.stats.Finished.Add(1)
+	} else {
+		e.stats.DeadLettered.Add(1)
+		e.log.Warn("message dead-lettered", zap.String("id", id), zap.String("reason", deadReason))
+	}
+	if f.fly {
+		return
+	}
+	if deadReason == "" {
+		e.storeAsync("delete finished message", func(ctx context.Context) error { return e.store.Delete(ctx, id) })
+	} else {
+		e.storeAsync("dead-letter", func(ctx context.Context) error { return e.store.DeadLetter(ctx, id, deadReason) })
+	}
+}
+
+// storeAsync runs a store call off the connection's reader, so that
+// reading never waits for the store.
+func (e *engine) storeAsync(what string, fn func(ctx context.Context) error) {
+	e.wg.Add(1)
+	go func() {
+		defer e.wg.Done()
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if err := fn(ctx); err != nil {
+			e.stats.StoreErrors.Add(1)
+			e.log.Error("store call failed", zap.String("op", what), zap.Error(err))
+		}
+	}()
+}
+
+// after runs fn after d unless the engine stops first.
+func (e *engine) after(d time.Duration, fn func()) {
+	e.wg.Add(1)
+	go func() {
+		defer e.wg.Done()
+		t := time.NewTimer(d)
+		defer t.Stop()
+		select {
+		case <-t.C:
+			fn()
+		case <-e.timers.Done():
+		}
+	}()
+}
+
+// retryDelay is the wait before attempt n+1: RetryDelay doubled per
+// failure, capped at MaxRetryDelay.
+func (e *engine) retryDelay(attempts int32) time.Duration {
+	d := e.opts.RetryDelay
+	for i := int32(1); i < attempts && d < e.opts.MaxRetryDelay; i++ {
+		d *= 2
+	}
+	return min(d, e.opts.MaxRetryDelay)
+}
+
+// expiry is when the message stops being delivered: its expiredTime,
+// capped at MaxLifetime after its creation.
+func (e *engine) expiry(m *storage.Message) time.Time {
+	created := time.Unix(m.Header.GetCreateTime(), 0)
+	limit := created.Add(e.opts.MaxLifetime)
+	if et := m.Header.GetExpiredTime(); et > 0 && time.Unix(et, 0).Before(limit) {
+		return time.Unix(et, 0)
+	}
+	return limit
+}
+
+// recover dispatches every committed message the store holds that is due,
+// after a restart.
+func (e *engine) recover(ctx context.Context) (int, error) {
+	n := 0
+	q := storage.DueQuery{Kind: storage.DueDelivery, Before: e.now(), Limit: 500}
+	for {
+		page, err := e.store.Due(ctx, q)
+		if err != nil {
+			return n, fmt.Errorf("recover due messages: %w", err)
+		}
+		for _, m := range page {
+			e.dispatch(m, false)
+			n++
+		}
+		if len(page) < q.Limit {
+			return n, nil
+		}
+		q.AfterID = page[len(page)-1].ID()
+	}
+}
+
+// updateRoutes takes new bindings for topic and resizes the groups.
+func (e *engine) updateRoutes(topic string, bs []*binding.Binding) {
+	changed := e.routes.set(topic, bs)
+	for _, name := range changed {
+		e.group(name).setWatermark(e.routes.watermark(name))
+	}
+}
+
+// stop ends timers and waits for store calls in progress.
+func (e *engine) stop() {
+	e.mu.Lock()
+	e.stopped = true
+	e.mu.Unlock()
+	e.stopTimers()
+	e.wg.Wait()
+}
+
+func (e *engine) inFlight() int {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return len(e.flights)
+}
+
+// protocolMessage is the packet body for delivering m.
+func protocolMessage(m *storage.Message) (protocol.CmdType, protocol.Message) {
+	return m.Cmd, m.Protocol()
+}

@@ -1,0 +1,147 @@
+package broker
+
+import (
+	"sync"
+)
+
+// group is one consumer group on this broker: its live connections and
+// the deliveries waiting for one of them. At most watermark deliveries of
+// the group are in flight at once; the rest wait in the queue in arrival
+// order, so a slow group slows only itself.
+//
+// Lock order: group.mu before session.mu; never hold group.mu while
+// calling into a flight or the store.
+type group struct {
+	name string
+	e    *engine
+
+	mu        sync.Mutex
+	sessions  []*session
+	rr        int
+	queue     []*delivery
+	inflight  int
+	watermark int
+}
+
+// pick is a delivery chosen for a session, sent outside the group lock.
+type pick struct {
+	d *delivery
+	s *session
+}
+
+// enqueue offers d to the group; it goes out now if the group has room.
+func (g *group) enqueue(d *delivery) {
+	g.mu.Lock()
+	g.queue = append(g.queue, d)
+	picks, skipped := g.pumpLocked()
+	g.mu.Unlock()
+	g.send(picks, skipped)
+}
+
+// requeue puts deliveries that lost their connection back at the head of
+// the queue, so they go to another consumer at once.
+func (g *group) requeue(ds []*delivery) {
+	g.mu.Lock()
+	g.inflight -= len(ds)
+	g.queue = append(append(make([]*delivery, 0, len(ds)+len(g.queue)), ds...), g.queue...)
+	picks, skipped := g.pumpLocked()
+	g.mu.Unlock()
+	g.send(picks, skipped)
+}
+
+// done ends an in-flight delivery and lets the next one out.
+func (g *group) done() {
+	g.mu.Lock()
+	g.inflight--
+	picks, skipped := g.pumpLocked()
+	g.mu.Unlock()
+	g.send(picks, skipped)
+}
+
+func (g *group) addSession(s *session) {
+	g.mu.Lock()
+	g.sessions = append(g.sessions, s)
+	picks, skipped := g.pumpLocked()
+	g.mu.Unlock()
+	g.send(picks, skipped)
+}
+
+func (g *group) removeSession(s *session) {
+	g.mu.Lock()
+	for i, x := range g.sessions {
+		if x == s {
+			g.sessions = append(g.sessions[:i], g.sessions[i+1:]...)
+			break
+		}
+	}
+	picks, skipped := g.pumpLocked()
+	g.mu.Unlock()
+	g.send(picks, skipped)
+}
+
+func (g *group) setWatermark(w int) {
+	g.mu.Lock()
+	g.watermark = w
+	picks, skipped := g.pumpLocked()
+	g.mu.Unlock()
+	g.send(picks, skipped)
+}
+
+// pumpLocked takes deliveries off the queue while the group has room and
+// a live connection. Without a connection, deliveries of non-persistent
+// bindings are skipped and persistent ones wait.
+func (g *group) pumpLocked() (picks []pick, skipped []*delivery) {
+	if len(g.sessions) == 0 {
+		kept := g.queue[:0]
+		for _, d := range g.queue {
+			if d.persistent {
+				kept = append(kept, d)
+			} else {
+				skipped = append(skipped, d)
+			}
+		}
+		clear(g.queue[len(kept):])
+		g.queue = kept
+		return nil, skipped
+	}
+	n := 0
+	for n < len(g.queue) && g.inflight < g.watermark {
+		s := g.sessions[g.rr%len(g.sessions)]
+		g.rr++
+		picks = append(picks, pick{d: g.queue[n], s: s})
+		g.inflight++
+		n++
+	}
+	if n > 0 {
+		clear(g.queue[:n])
+		g.queue = g.queue[n:]
+		if len(g.queue) == 0 {
+			g.queue = nil
+		}
+	}
+	return picks, skipped
+}
+
+func (g *group) send(picks []pick, skipped []*delivery) {
+	var lost []*delivery
+	for _, p := range picks {
+		if !p.s.deliver(p.d) {
+			lost = append(lost, p.d)
+		}
+	}
+	for _, d := range skipped {
+		d.f.groupResult(d, resultSkipped, "")
+	}
+	if len(lost) > 0 {
+		// The session closed between the pick and the send; its removal
+		// from the group is under way, so the retry picks another one.
+		g.requeue(lost)
+	}
+}
+
+// depth returns the queued and in-flight deliveries, for stats and tests.
+func (g *group) depth() (queued, inflight int) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return len(g.queue), g.inflight
+}

@@ -1,0 +1,172 @@
+package broker
+
+import (
+	"bufio"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/kiteq/kiteq/protocol"
+)
+
+// Options configure a broker. The zero value is not usable: start from
+// DefaultOptions or ParseFlags.
+type Options struct {
+	// Bind is the TCP address clients connect to.
+	Bind string
+	// PPort is the HTTP port for pprof, metrics and admin; 0 disables it.
+	PPort int
+	// DB selects the store: memory://, file:///path?…, mysql://….
+	DB string
+	// Topics this broker serves; empty serves every topic (standalone only).
+	Topics []string
+	// ZkHost is the ZooKeeper ensemble; empty runs standalone.
+	ZkHost string
+	// AuthFile lists "groupId:secretKey" lines; empty accepts any secret.
+	AuthFile string
+	// LogLevel is zap's level name: debug, info, warn, error.
+	LogLevel string
+
+	// MaxBody is the largest packet body accepted.
+	MaxBody int
+	// HandshakeTimeout bounds the wait for CONN_META on a new connection.
+	HandshakeTimeout time.Duration
+	// IdleTimeout closes a connection that sent nothing for that long
+	// (clients send a heartbeat every ~10 s).
+	IdleTimeout time.Duration
+	// WriteTimeout closes a connection whose peer stops reading.
+	WriteTimeout time.Duration
+	// DeliverTimeout is how long a delivery waits for its DELIVER_ACK
+	// before it counts as failed.
+	DeliverTimeout time.Duration
+	// RetryDelay is the first delay before a failed delivery is retried; it
+	// doubles with every failure up to MaxRetryDelay.
+	RetryDelay    time.Duration
+	MaxRetryDelay time.Duration
+	// MaxLifetime caps a message's expiry: a message that never expires, or
+	// expires later, is dead-lettered after this long.
+	MaxLifetime time.Duration
+	// MaxPendingPublishes bounds the publishes of one connection that are
+	// being stored at once; past it the broker stops reading that
+	// connection until a store finishes.
+	MaxPendingPublishes int
+	// ShutdownTimeout bounds a graceful stop.
+	ShutdownTimeout time.Duration
+}
+
+// DefaultOptions returns the options of a standalone broker on
+// 127.0.0.1:13800 with the memory store.
+func DefaultOptions() Options {
+	return Options{
+		Bind:                "127.0.0.1:13800",
+		PPort:               13801,
+		DB:                  "memory://",
+		LogLevel:            "info",
+		MaxBody:             protocol.DefaultMaxBody,
+		HandshakeTimeout:    10 * time.Second,
+		IdleTimeout:         60 * time.Second,
+		WriteTimeout:        30 * time.Second,
+		DeliverTimeout:      5 * time.Second,
+		RetryDelay:          time.Second,
+		MaxRetryDelay:       160 * time.Second,
+		MaxLifetime:         7 * 24 * time.Hour,
+		MaxPendingPublishes: 1024,
+		ShutdownTimeout:     10 * time.Second,
+	}
+}
+
+// ParseFlags parses the broker's command line.
+func ParseFlags(args []string, output io.Writer) (Options, error) {
+	o := DefaultOptions()
+	fs := flag.NewFlagSet("kiteq", flag.ContinueOnError)
+	fs.SetOutput(output)
+	var topics string
+	fs.StringVar(&o.Bind, "bind", o.Bind, "TCP address for clients (host:port)")
+	fs.IntVar(&o.PPort, "pport", o.PPort, "HTTP port for pprof, metrics and admin on the bind host (0 disables)")
+	fs.StringVar(&o.DB, "db", o.DB, "message store: "+acceptedStores)
+	fs.StringVar(&topics, "topics", "", "comma-separated topics this broker serves (empty: every topic, standalone only)")
+	fs.StringVar(&o.ZkHost, "zkhost", "", "ZooKeeper ensemble host:port[,host:port] (empty: standalone, clients use static://)")
+	fs.StringVar(&o.AuthFile, "auth-file", "", `file of "groupId:secretKey" lines; empty accepts any secret`)
+	fs.StringVar(&o.LogLevel, "log-level", o.LogLevel, "log level: debug, info, warn, error")
+	fs.IntVar(&o.MaxBody, "max-body", o.MaxBody, "largest packet body in bytes")
+	fs.DurationVar(&o.DeliverTimeout, "deliver-timeout", o.DeliverTimeout, "wait for a DELIVER_ACK before the delivery counts as failed")
+	fs.DurationVar(&o.RetryDelay, "retry-delay", o.RetryDelay, "first delay before a failed delivery is retried (doubles up to -max-retry-delay)")
+	fs.DurationVar(&o.MaxRetryDelay, "max-retry-delay", o.MaxRetryDelay, "longest delay between two deliveries of a message to a group")
+	fs.DurationVar(&o.IdleTimeout, "idle-timeout", o.IdleTimeout, "close a connection silent for this long")
+	fs.DurationVar(&o.ShutdownTimeout, "shutdown-timeout", o.ShutdownTimeout, "bound on a graceful stop")
+	if err := fs.Parse(args); err != nil {
+		return o, err
+	}
+	if fs.NArg() > 0 {
+		return o, fmt.Errorf("unexpected arguments: %s", strings.Join(fs.Args(), " "))
+	}
+	o.Topics = splitList(topics)
+	return o, o.Validate()
+}
+
+// Validate reports the first option that cannot work.
+func (o Options) Validate() error {
+	switch {
+	case o.Bind == "":
+		return errors.New("-bind is empty")
+	case o.PPort < 0 || o.PPort > 65535:
+		return fmt.Errorf("-pport %d is not a port", o.PPort)
+	case o.DB == "":
+		return errors.New("-db is empty (accepted: " + acceptedStores + ")")
+	case o.ZkHost != "" && len(o.Topics) == 0:
+		return errors.New("-topics is required with -zkhost: a broker registers the topics it serves")
+	case o.MaxBody <= 0:
+		return fmt.Errorf("-max-body %d must be positive", o.MaxBody)
+	case o.DeliverTimeout <= 0 || o.RetryDelay <= 0 || o.MaxRetryDelay < o.RetryDelay:
+		return errors.New("-deliver-timeout and -retry-delay must be positive, -max-retry-delay at least -retry-delay")
+	case o.IdleTimeout <= 0 || o.HandshakeTimeout <= 0 || o.WriteTimeout <= 0 || o.ShutdownTimeout <= 0:
+		return errors.New("timeouts must be positive")
+	case o.MaxLifetime <= 0 || o.MaxPendingPublishes <= 0:
+		return errors.New("MaxLifetime and MaxPendingPublishes must be positive")
+	}
+	return nil
+}
+
+func splitList(s string) []string {
+	var out []string
+	for _, p := range strings.Split(s, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// loadAuth reads an auth file: one "groupId:secretKey" a line; blank lines
+// and lines starting with # are skipped.
+func loadAuth(path string) (map[string]string, error) {
+	if path == "" {
+		return nil, nil
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("auth file: %w", err)
+	}
+	defer f.Close()
+	secrets := make(map[string]string)
+	sc := bufio.NewScanner(f)
+	for n := 1; sc.Scan(); n++ {
+		line := strings.TrimSpace(sc.Text())
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		group, secret, ok := strings.Cut(line, ":")
+		if !ok || strings.TrimSpace(group) == "" {
+			return nil, fmt.Errorf("auth file %s:%d: want groupId:secretKey", path, n)
+		}
+		secrets[strings.TrimSpace(group)] = strings.TrimSpace(secret)
+	}
+	if err := sc.Err(); err != nil {
+		return nil, fmt.Errorf("auth file %s: %w", path, err)
+	}
+	return secrets, nil
+}

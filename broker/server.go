@@ -1,0 +1,493 @@
+// Package broker is the KiteQ broker: it accepts producers and consumers
+// over TCP, stores what producers publish, and delivers every committed
+// message to each consumer group whose binding matches it, until the group
+// acknowledges it.
+package broker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/kiteq/kiteq/protocol"
+	"github.com/kiteq/kiteq/registry"
+	"github.com/kiteq/kiteq/registry/binding"
+	"github.com/kiteq/kiteq/storage"
+)
+
+var errServerStopping = errors.New("broker stopping")
+
+// Server is a broker.
+type Server struct {
+	opts    Options
+	log     *zap.Logger
+	store   storage.Store
+	reg     registry.Server
+	secrets map[string]string // nil: any secret
+	stats   Stats
+	engine  *engine
+
+	ln       net.Listener
+	http     *http.Server
+	stopping atomic.Bool
+
+	mu       sync.Mutex
+	sessions map[*session]struct{}
+
+	publishes sync.WaitGroup // stores in progress, each answered by a store-ack
+	loops     sync.WaitGroup // accept loop, sweeper, admin server, sessions
+	stopLoops chan struct{}
+}
+
+// New returns a broker over store and reg. It does not listen until Start.
+func New(opts Options, store storage.Store, reg registry.Server, log *zap.Logger) (*Server, error) {
+	if err := opts.Validate(); err != nil {
+		return nil, err
+	}
+	secrets, err := loadAuth(opts.AuthFile)
+	if err != nil {
+		return nil, err
+	}
+	s := &Server{
+		opts: opts, log: log, store: store, reg: reg, secrets: secrets,
+		sessions:  make(map[*session]struct{}),
+		stopLoops: make(chan struct{}),
+	}
+	s.engine = newEngine(log, store, opts, &s.stats)
+	return s, nil
+}
+
+// Start listens on Options.Bind (and the admin port), loads the bindings
+// the registry has, and delivers again what the store holds.
+func (s *Server) Start(ctx context.Context) error {
+	topics := s.opts.Topics
+	s.reg.WatchBindings(func(topic string, bs []*binding.Binding) {
+		if s.serves(topic) {
+			s.engine.updateRoutes(topic, bs)
+		}
+	})
+	for _, t := range topics {
+		s.engine.updateRoutes(t, s.reg.Bindings(t))
+	}
+
+	ln, err := net.Listen("tcp", s.opts.Bind)
+	if err != nil {
+		return fmt.Errorf("broker: listen: %w", err)
+	}
+	s.ln = ln
+	if s.opts.PPort > 0 {
+		if err := s.startAdmin(); err != nil {
+			ln.Close()
+			return err
+		}
+	}
+	if err := s.reg.PublishServer(ctx, s.Addr(), topics); err != nil {
+		s.closeListeners()
+		return fmt.Errorf("broker: register: %w", err)
+	}
+	n, err := s.engine.recover(ctx)
+	if err != nil {
+		s.closeListeners()
+		return fmt.Errorf("broker: %w", err)
+	}
+	s.loops.Add(2)
+	go s.acceptLoop()
+	go s.sweepLoop()
+	s.log.Info("broker started", zap.String("addr", s.Addr()), zap.Strings("topics", topics),
+		zap.Int("recovered", n), zap.Bool("auth", s.secrets != nil))
+	if s.secrets == nil {
+		s.log.Warn("no -auth-file: any secretKey is accepted")
+	}
+	return nil
+}
+
+// Addr is the address clients connect to.
+func (s *Server) Addr() string { return s.ln.Addr().String() }
+
+// Stats returns the broker's counters.
+func (s *Server) Stats() StatsSnapshot {
+	st := s.stats.snapshot()
+	st.InFlight = int64(s.engine.inFlight())
+	return st
+}
+
+// Stop stops accepting connections and reading packets, waits until every
+// publish being stored has been answered, closes the connections and waits
+// for the store calls it started. It does not close the store.
+func (s *Server) Stop(ctx context.Context) error {
+	if s.stopping.Swap(true) {
+		return nil
+	}
+	s.closeListeners()
+	if err := s.reg.UnpublishServer(ctx, s.Addr(), s.opts.Topics); err != nil {
+		s.log.Warn("unregister", zap.Error(err))
+	}
+	// Wake every reader: it sees the deadline and ends without reading more.
+	s.mu.Lock()
+	for sess := range s.sessions {
+		sess.conn.SetReadDeadline(time.Now())
+	}
+	s.mu.Unlock()
+
+	done := make(chan struct{})
+	go func() {
+		s.publishes.Wait()
+		s.loops.Wait()
+		close(done)
+	}()
+	var err error
+	select {
+	case <-done:
+	case <-ctx.Done():
+		err = fmt.Errorf("broker: stop: %w", ctx.Err())
+		s.mu.Lock()
+		for sess := range s.sessions {
+			sess.conn.Close()
+		}
+		s.mu.Unlock()
+		<-done
+	}
+	s.engine.stop()
+	st := s.Stats()
+	s.log.Info("broker stopped", zap.Int64("published", st.Published), zap.Int64("delivered", st.Delivered),
+		zap.Int64("inFlight", st.InFlight))
+	return err
+}
+
+func (s *Server) closeListeners() {
+	if s.ln != nil {
+		s.ln.Close()
+	}
+	if s.http != nil {
+		s.http.Close()
+	}
+	select {
+	case <-s.stopLoops:
+	default:
+		close(s.stopLoops)
+	}
+}
+
+func (s *Server) acceptLoop() {
+	defer s.loops.Done()
+	var delay time.Duration
+	for {
+		conn, err := s.ln.Accept()
+		if err != nil {
+			if s.stopping.Load() || errors.Is(err, net.ErrClosed) {
+				return
+			}
+			// Out of file descriptors and the like: back off, keep serving.
+			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+			s.log.Error("accept", zap.Error(err), zap.Duration("retryIn", delay))
+			time.Sleep(delay)
+			continue
+		}
+		delay = 0
+		if tc, ok := conn.(*net.TCPConn); ok {
+			tc.SetNoDelay(true)
+		}
+		sess := newSession(s, conn)
+		s.mu.Lock()
+		if s.stopping.Load() {
+			s.mu.Unlock()
+			conn.Close()
+			return
+		}
+		s.sessions[sess] = struct{}{}
+		s.loops.Add(1)
+		s.mu.Unlock()
+		s.stats.Connections.Add(1)
+		go sess.serve()
+	}
+}
+
+func (s *Server) removeSession(sess *session) {
+	s.mu.Lock()
+	_, ok := s.sessions[sess]
+	delete(s.sessions, sess)
+	s.mu.Unlock()
+	if ok {
+		s.stats.Connections.Add(-1)
+		s.loops.Done()
+	}
+}
+
+// sweepLoop fails deliveries whose DELIVER_ACK did not come in time.
+func (s *Server) sweepLoop() {
+	defer s.loops.Done()
+	every := min(s.opts.DeliverTimeout/4, 250*time.Millisecond)
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.stopLoops:
+			return
+		case now := <-t.C:
+			s.mu.Lock()
+			sessions := make([]*session, 0, len(s.sessions))
+			for sess := range s.sessions {
+				sessions = append(sessions, sess)
+			}
+			s.mu.Unlock()
+			for _, sess := range sessions {
+				for _, d := range sess.expired(now) {
+					s.stats.DeliverTimeouts.Add(1)
+					d.g.done()
+					d.f.groupResult(d, resultFailed, "no DELIVER_ACK within "+s.opts.DeliverTimeout.String())
+				}
+			}
+		}
+	}
+}
+
+// serves reports whether this broker accepts messages of topic.
+func (s *Server) serves(topic string) bool {
+	return len(s.opts.Topics) == 0 || slices.Contains(s.opts.Topics, topic)
+}
+
+// handshake checks the first packet of a connection: CONN_META with a
+// known secret.
+func (s *Server) handshake(sess *session, p *protocol.Packet) error {
+	if p.Cmd != protocol.CmdConnMeta {
+		return fatalf("first packet is %s, want CONN_META", p.Cmd)
+	}
+	var meta protocol.ConnMeta
+	if err := p.DecodeInto(&meta); err != nil {
+		return fatalf("bad CONN_META: %v", err)
+	}
+	group := meta.GetGroupId()
+	feedback := ""
+	switch {
+	case group == "":
+		feedback = "empty groupId"
+	case s.secrets != nil && s.secrets[group] != meta.GetSecretKey():
+		feedback = "wrong secretKey for group " + group
+	}
+	if feedback != "" {
+		sess.send(p.Opaque, protocol.CmdConnAuth, &protocol.ConnAuthAck{Status: ptr(false), Feedback: &feedback})
+		return fatalf("authentication failed: %s", feedback)
+	}
+	sess.groupId = group
+	sess.log = sess.log.With(zap.String("group", group))
+	sess.send(p.Opaque, protocol.CmdConnAuth, &protocol.ConnAuthAck{Status: ptr(true), Feedback: ptr("ok")})
+	sess.group = s.engine.group(group)
+	sess.group.addSession(sess)
+	sess.log.Debug("connection authenticated")
+	return nil
+}
+
+// handle runs one packet of an authenticated connection. An error closes
+// the connection.
+func (s *Server) handle(sess *session, p *protocol.Packet) error {
+	switch p.Cmd {
+	case protocol.CmdHeartbeat:
+		sess.out.append(p.Encode())
+		return nil
+	case protocol.CmdStringMessage, protocol.CmdBytesMessage:
+		return s.publish(sess, p)
+	case protocol.CmdDeliverAck:
+		return s.deliverAck(sess, p)
+	case protocol.CmdTxAck:
+		return s.txAck(sess, p)
+	case protocol.CmdBindings:
+		return s.bindings(sess, p)
+	}
+	return fatalf("unexpected %s from a client", p.Cmd)
+}
+
+// publish validates and stores a message, then answers MESSAGE_STORE_ACK.
+// The store runs in its own goroutine, so the connection keeps reading.
+func (s *Server) publish(sess *session, p *protocol.Packet) error {
+	s.stats.Published.Add(1)
+	var msg protocol.Message
+	if p.Cmd == protocol.CmdStringMessage {
+		msg = &protocol.StringMessage{}
+	} else {
+		msg = &protocol.BytesMessage{}
+	}
+	if err := p.DecodeInto(msg); err != nil {
+		// The frame is intact, so the stream is too: refuse this message
+		// and keep the connection.
+		s.storeAck(sess, p.Opaque, "", false, "malformed message: "+err.Error())
+		return nil
+	}
+	h := msg.GetHeader()
+	now := time.Now()
+	if reason := s.validate(h, now); reason != "" {
+		s.storeAck(sess, p.Opaque, h.GetMessageId(), false, reason)
+		return nil
+	}
+	if h.CreateTime == nil {
+		h.CreateTime = ptr(now.Unix())
+	}
+	m := storage.NewMessage(msg, now)
+	if h.GetFly() {
+		s.storeAck(sess, p.Opaque, h.GetMessageId(), true, "fly: not stored")
+		s.engine.dispatch(m, true)
+		return nil
+	}
+
+	sess.pubSlots <- struct{}{}
+	s.publishes.Add(1)
+	go func() {
+		defer func() {
+			<-sess.pubSlots
+			s.publishes.Done()
+		}()
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		stored, err := s.store.Save(ctx, m)
+		cancel()
+		if err != nil {
+			s.storeAck(sess, p.Opaque, m.ID(), false, "store: "+err.Error())
+			return
+		}
+		if !stored {
+			s.stats.Duplicates.Add(1)
+			s.storeAck(sess, p.Opaque, m.ID(), true, "duplicate: already stored")
+			return
+		}
+		s.stats.Stored.Add(1)
+		s.storeAck(sess, p.Opaque, m.ID(), true, "stored")
+		if m.Committed {
+			s.engine.dispatch(m, false)
+		}
+	}()
+	return nil
+}
+
+// validate returns why a message cannot be accepted, or "".
+func (s *Server) validate(h *protocol.Header, now time.Time) string {
+	switch {
+	case !protocol.ValidMessageId(h.GetMessageId()):
+		return fmt.Sprintf("invalid messageId %q: want %d lowercase hex characters", h.GetMessageId(), protocol.MessageIdLen)
+	case h.GetTopic() == "":
+		return "empty topic"
+	case !s.serves(h.GetTopic()):
+		return fmt.Sprintf("topic %q is not served by this broker (serves: %s)", h.GetTopic(), strings.Join(s.opts.Topics, ","))
+	case h.GetMessageType() == "":
+		return "empty messageType"
+	case h.GetExpiredTime() > 0 && h.GetExpiredTime() < now.Unix():
+		return fmt.Sprintf("message expired at %s", time.Unix(h.GetExpiredTime(), 0).UTC().Format(time.RFC3339))
+	case h.GetFly() && !h.GetCommit():
+		return "a fly message must be committed: it is never stored"
+	}
+	return ""
+}
+
+func (s *Server) storeAck(sess *session, opaque uint32, id string, ok bool, feedback string) {
+	if !ok {
+		s.stats.Rejected.Add(1)
+		sess.log.Info("message refused", zap.String("id", id), zap.String("reason", feedback))
+	}
+	sess.send(opaque, protocol.CmdMessageStoreAck,
+		&protocol.MessageStoreAck{MessageId: &id, Status: &ok, Feedback: &feedback})
+}
+
+// deliverAck ends the delivery that opaque names.
+func (s *Server) deliverAck(sess *session, p *protocol.Packet) error {
+	var ack protocol.DeliverAck
+	if err := p.DecodeInto(&ack); err != nil {
+		return fatalf("bad DELIVER_ACK: %v", err)
+	}
+	d := sess.takeDelivery(p.Opaque)
+	if d == nil {
+		// Late: the delivery timed out or was given to another consumer.
+		sess.log.Debug("DELIVER_ACK for no delivery in flight", zap.Uint32("opaque", p.Opaque),
+			zap.String("id", ack.GetMessageId()))
+		return nil
+	}
+	d.g.done()
+	if ack.GetStatus() {
+		s.stats.DeliverAcked.Add(1)
+		d.f.groupResult(d, resultAcked, "")
+	} else {
+		s.stats.DeliverFailed.Add(1)
+		reason := ack.GetFeedback()
+		if reason == "" {
+			reason = "consumer returned false"
+		}
+		d.f.groupResult(d, resultFailed, reason)
+	}
+	return nil
+}
+
+// txAck takes a producer's decision on an uncommitted message.
+func (s *Server) txAck(sess *session, p *protocol.Packet) error {
+	var tx protocol.TxACKPacket
+	if err := p.DecodeInto(&tx); err != nil {
+		return fatalf("bad TX_ACK: %v", err)
+	}
+	id := tx.GetHeader().GetMessageId()
+	switch protocol.TxStatus(tx.GetStatus()) {
+	case protocol.TxCommit:
+		s.engine.storeAsync("commit", func(ctx context.Context) error {
+			if err := s.store.Commit(ctx, id); err != nil {
+				return fmt.Errorf("commit %s: %w", id, err)
+			}
+			s.stats.Committed.Add(1)
+			m, err := s.store.Get(ctx, id)
+			if err != nil {
+				if errors.Is(err, storage.ErrNotFound) {
+					return nil // delivered and finished already
+				}
+				return err
+			}
+			s.engine.dispatch(m, false)
+			return nil
+		})
+	case protocol.TxRollback:
+		s.engine.storeAsync("rollback", func(ctx context.Context) error {
+			if err := s.store.Rollback(ctx, id); err != nil {
+				return fmt.Errorf("rollback %s: %w", id, err)
+			}
+			s.stats.RolledBack.Add(1)
+			return nil
+		})
+	default:
+		sess.log.Info("transaction undecided", zap.String("id", id), zap.String("feedback", tx.GetFeedback()))
+	}
+	return nil
+}
+
+// bindings takes the bindings a consumer sends over its connection and
+// hands them to the registry, which tells the router.
+func (s *Server) bindings(sess *session, p *protocol.Packet) error {
+	var pkt protocol.BindingsPacket
+	if err := p.DecodeInto(&pkt); err != nil {
+		return fatalf("bad BINDINGS: %v", err)
+	}
+	reply := func(ok bool, feedback string) error {
+		sess.send(p.Opaque, protocol.CmdBindingsAck, &protocol.BindingsAck{Status: &ok, Feedback: &feedback})
+		return nil
+	}
+	if pkt.GetGroupId() != sess.groupId {
+		return reply(false, fmt.Sprintf("bindings of group %q on a connection of group %q", pkt.GetGroupId(), sess.groupId))
+	}
+	bs, err := binding.FromProto(pkt.GetBindings())
+	if err != nil {
+		return reply(false, err.Error())
+	}
+	served := bs[:0:0]
+	for _, b := range bs {
+		if s.serves(b.Topic) {
+			served = append(served, b)
+		}
+	}
+	if err := s.reg.PublishBindings(context.Background(), sess.groupId, served); err != nil {
+		return reply(false, err.Error())
+	}
+	sess.log.Info("bindings", zap.Stringers("bindings", served))
+	return reply(true, "ok")
+}
+
+func ptr[T any](v T) *T { return &v }

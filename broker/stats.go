@@ -1,0 +1,55 @@
+package broker
+
+import "sync/atomic"
+
+// Stats are the broker's counters since it started.
+type Stats struct {
+	Connections     atomic.Int64 // live connections
+	Published       atomic.Int64 // messages received from producers
+	Stored          atomic.Int64 // messages newly saved (store-ack true)
+	Duplicates      atomic.Int64 // publishes of an id already stored
+	Rejected        atomic.Int64 // store-acks with status false
+	Delivered       atomic.Int64 // deliveries sent to consumers
+	DeliverAcked    atomic.Int64 // DELIVER_ACK with status true
+	DeliverFailed   atomic.Int64 // DELIVER_ACK with status false
+	DeliverTimeouts atomic.Int64 // deliveries with no DELIVER_ACK in time
+	Redirected      atomic.Int64 // deliveries given to another consumer after a connection closed
+	Finished        atomic.Int64 // messages every group acknowledged (or skipped)
+	Unrouted        atomic.Int64 // messages no binding matched
+	DeadLettered    atomic.Int64 // messages moved to the dead-letter queue
+	Committed       atomic.Int64 // transaction commits
+	RolledBack      atomic.Int64 // transaction rollbacks
+	StoreErrors     atomic.Int64 // store calls after a publish that failed
+}
+
+// StatsSnapshot is a copy of Stats at one moment, for JSON and tests.
+type StatsSnapshot struct {
+	Connections     int64 `json:"connections"`
+	Published       int64 `json:"published"`
+	Stored          int64 `json:"stored"`
+	Duplicates      int64 `json:"duplicates"`
+	Rejected        int64 `json:"rejected"`
+	Delivered       int64 `json:"delivered"`
+	DeliverAcked    int64 `json:"deliverAcked"`
+	DeliverFailed   int64 `json:"deliverFailed"`
+	DeliverTimeouts int64 `json:"deliverTimeouts"`
+	Redirected      int64 `json:"redirected"`
+	Finished        int64 `json:"finished"`
+	Unrouted        int64 `json:"unrouted"`
+	DeadLettered    int64 `json:"deadLettered"`
+	Committed       int64 `json:"committed"`
+	RolledBack      int64 `json:"rolledBack"`
+	StoreErrors     int64 `json:"storeErrors"`
+	InFlight        int64 `json:"inFlight"` // messages this broker is delivering now
+}
+
+func (s *Stats) snapshot() StatsSnapshot {
+	return StatsSnapshot{
+		Connections: s.Connections.Load(), Published: s.Published.Load(), Stored: s.Stored.Load(),
+		Duplicates: s.Duplicates.Load(), Rejected: s.Rejected.Load(), Delivered: s.Delivered.Load(),
+		DeliverAcked: s.DeliverAcked.Load(), DeliverFailed: s.DeliverFailed.Load(),
+		DeliverTimeouts: s.DeliverTimeouts.Load(), Redirected: s.Redirected.Load(),
+		Finished: s.Finished.Load(), Unrouted: s.Unrouted.Load(), DeadLettered: s.DeadLettered.Load(),
+		Committed: s.Committed.Load(), RolledBack: s.RolledBack.Load(), StoreErrors: s.StoreErrors.Load(),
+	}
+}
