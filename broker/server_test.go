@@ -68,10 +68,12 @@ func TestPublishValidation(t *testing.T) {
 		t.Fatalf("valid message refused: %s", ack.GetFeedback())
 	}
 	cases := map[string]func(m *protocol.StringMessage){
-		"invalid messageId":     func(m *protocol.StringMessage) { m.Header.MessageId = proto.String("ABC") },
-		"not served":            func(m *protocol.StringMessage) { m.Header.Topic = proto.String("other") },
-		"empty messageType":     func(m *protocol.StringMessage) { m.Header.MessageType = proto.String("") },
-		"expired":               func(m *protocol.StringMessage) { m.Header.ExpiredTime = proto.Int64(time.Now().Add(-time.Minute).Unix()) },
+		"invalid messageId": func(m *protocol.StringMessage) { m.Header.MessageId = proto.String("ABC") },
+		"not served":        func(m *protocol.StringMessage) { m.Header.Topic = proto.String("other") },
+		"empty messageType": func(m *protocol.StringMessage) { m.Header.MessageType = proto.String("") },
+		"expired": func(m *protocol.StringMessage) {
+			m.Header.ExpiredTime = proto.Int64(time.Now().Add(-time.Minute).Unix())
+		},
 		"fly message must be committed": func(m *protocol.StringMessage) {
 			m.Header.Fly = proto.Bool(true)
 			m.Header.Commit = proto.Bool(false)

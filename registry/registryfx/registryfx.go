@@ -36,4 +36,3 @@ func Server(zkHost, dataDir string) (fx.Option, error) {
 	}
 	return nil, fmt.Errorf("registry: ZooKeeper (-zkhost=%s) is not available in this build; run standalone without -zkhost", zkHost)
 }
-
