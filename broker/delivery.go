@@ -156,20 +156,17 @@ type engine struct {
 	flights map[string]*flight
 	stopped bool
 
+	timers map[*time.Timer]struct{} // retries waiting for their time
+
 	routes *router
-	wg     sync.WaitGroup // store calls and timers in progress
-	// timers ends retry timers when the engine stops; store calls in
-	// progress are waited for, not cancelled.
-	timers     context.Context
-	stopTimers context.CancelFunc
+	wg     sync.WaitGroup // store calls in progress
 }
 
 func newEngine(log *zap.Logger, store storage.Store, opts Options, stats *Stats) *engine {
-	ctx, cancel := context.WithCancel(context.Background())
 	return &engine{
 		log: log, store: store, opts: opts, stats: stats, now: time.Now,
 		groups: make(map[string]*group), flights: make(map[string]*flight),
-		routes: newRouter(), timers: ctx, stopTimers: cancel,
+		routes: newRouter(), timers: make(map[*time.Timer]struct{}),
 	}
 }
 
@@ -235,28 +232,34 @@ func (e *engine) dispatch(m *storage.Message, fly bool) {
 }
 
 // finish ends a flight: the message is deleted, or dead-lettered with the
-// reason when a group gave up.
+// reason when a group gave up. The flight stays registered until the store
+// has done so, so that a repeated commit in between cannot start it again.
 func (e *engine) finish(f *flight, deadReason string) {
 	id := f.msg.ID()
-	e.mu.Lock()
-	if e.flights[id] == f {
-		delete(e.flights, id)
-	}
-	e.mu.Unlock()
 	if deadReason == "" {
 		e.stats.Finished.Add(1)
 	} else {
 		e.stats.DeadLettered.Add(1)
 		e.log.Warn("message dead-lettered", zap.String("id", id), zap.String("reason", deadReason))
 	}
+	forget := func() {
+		e.mu.Lock()
+		if e.flights[id] == f {
+			delete(e.flights, id)
+		}
+		e.mu.Unlock()
+	}
 	if f.fly {
+		forget()
 		return
 	}
-	if deadReason == "" {
-		e.storeAsync("delete finished message", func(ctx context.Context) error { return e.store.Delete(ctx, id) })
-	} else {
-		e.storeAsync("dead-letter", func(ctx context.Context) error { return e.store.DeadLetter(ctx, id, deadReason) })
-	}
+	e.storeAsync("finish", func(ctx context.Context) error {
+		defer forget()
+		if deadReason == "" {
+			return e.store.Delete(ctx, id)
+		}
+		return e.store.DeadLetter(ctx, id, deadReason)
+	})
 }
 
 // storeAsync runs a store call off the connection's reader, so that
@@ -274,19 +277,25 @@ func (e *engine) storeAsync(what string, fn func(ctx context.Context) error) {
 	}()
 }
 
-// after runs fn after d unless the engine stops first.
+// after runs fn after d unless the engine stops first. A waiting retry
+// costs a timer, not a goroutine.
 func (e *engine) after(d time.Duration, fn func()) {
-	e.wg.Add(1)
-	go func() {
-		defer e.wg.Done()
-		t := time.NewTimer(d)
-		defer t.Stop()
-		select {
-		case <-t.C:
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.stopped {
+		return
+	}
+	var t *time.Timer
+	t = time.AfterFunc(d, func() {
+		e.mu.Lock()
+		_, live := e.timers[t]
+		delete(e.timers, t)
+		e.mu.Unlock()
+		if live {
 			fn()
-		case <-e.timers.Done():
 		}
-	}()
+	})
+	e.timers[t] = struct{}{}
 }
 
 // retryDelay is the wait before attempt n+1: RetryDelay doubled per
@@ -339,12 +348,16 @@ func (e *engine) updateRoutes(topic string, bs []*binding.Binding) {
 	}
 }
 
-// stop ends timers and waits for store calls in progress.
+// stop cancels waiting retries and waits for store calls in progress.
+// A retry that is running when stop is called finishes.
 func (e *engine) stop() {
 	e.mu.Lock()
 	e.stopped = true
+	for t := range e.timers {
+		t.Stop()
+	}
+	clear(e.timers)
 	e.mu.Unlock()
-	e.stopTimers()
 	e.wg.Wait()
 }
 

@@ -43,8 +43,10 @@ type Server struct {
 	mu       sync.Mutex
 	sessions map[*session]struct{}
 
-	publishes sync.WaitGroup // stores in progress, each answered by a store-ack
-	loops     sync.WaitGroup // accept loop, sweeper, admin server, sessions
+	// loops counts the accept loop, the sweeper, the admin server and the
+	// sessions. A session ends only after each of its publishes has been
+	// stored and answered.
+	loops     sync.WaitGroup
 	stopLoops chan struct{}
 }
 
@@ -140,7 +142,6 @@ func (s *Server) Stop(ctx context.Context) error {
 
 	done := make(chan struct{})
 	go func() {
-		s.publishes.Wait()
 		s.loops.Wait()
 		close(done)
 	}()
@@ -338,12 +339,8 @@ func (s *Server) publish(sess *session, p *protocol.Packet) error {
 	}
 
 	sess.pubSlots <- struct{}{}
-	s.publishes.Add(1)
 	go func() {
-		defer func() {
-			<-sess.pubSlots
-			s.publishes.Done()
-		}()
+		defer func() { <-sess.pubSlots }()
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		stored, err := s.store.Save(ctx, m)
 		cancel()

@@ -82,12 +82,19 @@ func (s *session) readLoop() error {
 	if err != nil {
 		return s.readError(err, "before CONN_META")
 	}
+	if s.srv.stopping.Load() {
+		return errServerStopping
+	}
 	if err := s.srv.handshake(s, p); err != nil {
 		return err
 	}
 
 	lastDeadline := time.Time{}
 	for {
+		// Stop sets a past deadline to wake the reader; never extend it.
+		if s.srv.stopping.Load() {
+			return errServerStopping
+		}
 		// Refreshing the deadline costs a timer update: do it at most once
 		// a second.
 		if now := time.Now(); now.Sub(lastDeadline) > time.Second {
