@@ -41,7 +41,12 @@ type FrameError struct {
 	Err    error
 	Cmd    CmdType
 	Opaque uint32
+	// Length is the body length that the header declared; for
+	// ErrShortHeader it is the number of header bytes read.
 	Length int64
+	// Read is the number of body bytes read before the stream ended
+	// (ErrShortBody only).
+	Read int64
 }
 
 func (e *FrameError) Error() string {
@@ -50,6 +55,8 @@ func (e *FrameError) Error() string {
 		return fmt.Sprintf("%v 0x%02x (opaque %d)", e.Err, uint8(e.Cmd), e.Opaque)
 	case errors.Is(e.Err, ErrShortHeader):
 		return fmt.Sprintf("%v: %d of %d bytes", e.Err, e.Length, HeaderLen)
+	case errors.Is(e.Err, ErrShortBody):
+		return fmt.Sprintf("%v: %s body length %d, got %d bytes (opaque %d)", e.Err, e.Cmd, e.Length, e.Read, e.Opaque)
 	default:
 		return fmt.Sprintf("%v: %s body length %d (opaque %d)", e.Err, e.Cmd, e.Length, e.Opaque)
 	}
@@ -98,7 +105,7 @@ func (r *Reader) ReadPacket() (*Packet, error) {
 	p.Body = make([]byte, length)
 	if m, err := io.ReadFull(r.r, p.Body); err != nil {
 		if err == io.EOF || err == io.ErrUnexpectedEOF {
-			return nil, &FrameError{Err: ErrShortBody, Cmd: p.Cmd, Opaque: p.Opaque, Length: int64(m)}
+			return nil, &FrameError{Err: ErrShortBody, Cmd: p.Cmd, Opaque: p.Opaque, Length: int64(length), Read: int64(m)}
 		}
 		return nil, err
 	}

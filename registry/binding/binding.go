@@ -134,9 +134,15 @@ func (b *Binding) EffectiveWatermark() int {
 
 func (b *Binding) regexp() (*regexp.Regexp, error) {
 	b.once.Do(func() {
-		// Anchored: the expression must match the whole message type.
-		b.re, b.err = regexp.Compile(`^(?:` + b.MessageType + `)$`)
+		// The expression must compile on its own before it is anchored:
+		// otherwise "a)|(b" would become `^(?:a)|(b)$`, which compiles and
+		// matches anything that starts with a or ends with b.
+		if _, b.err = regexp.Compile(b.MessageType); b.err == nil {
+			// Anchored: the expression must match the whole message type.
+			b.re, b.err = regexp.Compile(`^(?:` + b.MessageType + `)$`)
+		}
 		if b.err != nil {
+			b.re = nil
 			b.err = fmt.Errorf("binding: group %s topic %s: bad regular expression %q: %w",
 				b.GroupId, b.Topic, b.MessageType, b.err)
 		}
@@ -171,7 +177,10 @@ func UnmarshalBindings(data []byte) ([]*Binding, error) {
 	if err := json.Unmarshal(data, &bs); err != nil {
 		return nil, fmt.Errorf("binding: decode: %w", err)
 	}
-	for _, b := range bs {
+	for i, b := range bs {
+		if b == nil {
+			return nil, fmt.Errorf("binding: decode: element %d is null", i)
+		}
 		if err := b.Validate(); err != nil {
 			return nil, err
 		}
@@ -183,10 +192,15 @@ func UnmarshalBindings(data []byte) ([]*Binding, error) {
 func ToProto(bs []*Binding) []*protocol.Binding {
 	out := make([]*protocol.Binding, len(bs))
 	for i, b := range bs {
+		// Copies, not pointers into b: the packet must not change when the
+		// caller changes its binding afterwards, nor the binding when
+		// something writes to the packet.
+		groupId, topic, messageType, version := b.GroupId, b.Topic, b.MessageType, b.Version
+		bindType, watermark, persistent := int32(b.BindType), b.Watermark, b.Persistent
 		out[i] = &protocol.Binding{
-			GroupId: &b.GroupId, Topic: &b.Topic, MessageType: &b.MessageType,
-			BindType: (*int32)(&b.BindType), Version: &b.Version, Watermark: &b.Watermark,
-			Persistent: &b.Persistent,
+			GroupId: &groupId, Topic: &topic, MessageType: &messageType,
+			BindType: &bindType, Version: &version, Watermark: &watermark,
+			Persistent: &persistent,
 		}
 	}
 	return out

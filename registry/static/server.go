@@ -23,6 +23,11 @@ const BindingsFile = "bindings.json"
 type Server struct {
 	path string // empty: kept in memory only
 
+	// publishMu serializes PublishBindings, watchers included, so that
+	// watchers see the changes in the order they were made. Lock order:
+	// publishMu, then mu.
+	publishMu sync.Mutex
+
 	mu       sync.Mutex
 	byTopic  map[string]map[string][]*binding.Binding // topic -> group -> bindings
 	watchers []func(topic string, bs []*binding.Binding)
@@ -83,6 +88,8 @@ func (s *Server) PublishBindings(ctx context.Context, groupId string, bs []*bind
 		}
 		byTopic[b.Topic] = append(byTopic[b.Topic], b)
 	}
+	s.publishMu.Lock()
+	defer s.publishMu.Unlock()
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
@@ -124,10 +131,23 @@ func (s *Server) Bindings(topic string) []*binding.Binding {
 	return s.bindingsLocked(topic)
 }
 
+// WatchBindings calls fn with the bindings of every known topic now, then
+// with all the bindings of a topic each time they change, in the order of
+// the changes. fn runs on the publisher's goroutine and must not call
+// PublishBindings.
 func (s *Server) WatchBindings(fn func(topic string, bs []*binding.Binding)) {
+	s.publishMu.Lock()
+	defer s.publishMu.Unlock()
 	s.mu.Lock()
 	s.watchers = append(s.watchers, fn)
+	now := make(map[string][]*binding.Binding, len(s.byTopic))
+	for topic := range s.byTopic {
+		now[topic] = s.bindingsLocked(topic)
+	}
 	s.mu.Unlock()
+	for topic, bs := range now {
+		fn(topic, bs)
+	}
 }
 
 func (s *Server) Close() error {
@@ -210,7 +230,23 @@ func (s *Server) saveLocked() error {
 		os.Remove(tmp)
 		return fmt.Errorf("static registry: save bindings: %w", err)
 	}
+	// The rename is durable only once the directory is synced.
+	if err := syncDir(filepath.Dir(s.path)); err != nil {
+		return fmt.Errorf("static registry: save bindings: %w", err)
+	}
 	return nil
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	err = d.Sync()
+	if cerr := d.Close(); err == nil {
+		err = cerr
+	}
+	return err
 }
 
 func nonNil(bs []*binding.Binding) []*binding.Binding {
