@@ -71,7 +71,14 @@ func NewMessage(msg protocol.Message, now time.Time) *Message {
 // BytesMessage according to Cmd.
 func (m *Message) Protocol() protocol.Message {
 	if m.Cmd == protocol.CmdBytesMessage {
-		return &protocol.BytesMessage{Header: m.Header, Body: m.Body}
+		body := m.Body
+		if body == nil {
+			// body is a required proto2 field: nil would mean "not set",
+			// and an empty body (which Clone and most stores return as
+			// nil) could not be marshalled.
+			body = []byte{}
+		}
+		return &protocol.BytesMessage{Header: m.Header, Body: body}
 	}
 	body := string(m.Body)
 	return &protocol.StringMessage{Header: m.Header, Body: &body}

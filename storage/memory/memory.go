@@ -1,0 +1,467 @@
+// Package memory is the in-memory message store: fast, bounded, and gone
+// when the process exits. The broker uses it for -db=memory:// and tests use
+// it wherever they need a Store.
+//
+// Messages live in shards chosen by a hash of the id, each with its own
+// mutex, so concurrent publishers rarely wait for each other. Every shard
+// keeps its messages in a map (for Save, Get and the transaction and
+// delivery updates) and in a skip list ordered by id (for Due and
+// DeadLetters).
+//
+// A stored *storage.Message is never changed in place: an update replaces
+// it with a new value. So a page can be collected under the shard locks as
+// plain pointers and deep-copied after the locks are released.
+//
+// Lock order: a call holds at most one shard mutex at a time.
+package memory
+
+import (
+	"context"
+	"fmt"
+	"hash/maphash"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/kiteq/kiteq/protocol"
+	"github.com/kiteq/kiteq/storage"
+)
+
+const (
+	// DefaultCapacity is how many live messages a store holds unless told
+	// otherwise (?cap=N, New(N)).
+	DefaultCapacity = 1_000_000
+	// DefaultLimit is the page size of Due and DeadLetters when the caller
+	// passes a limit <= 0.
+	DefaultLimit = 100
+
+	numShards = 64
+)
+
+var _ storage.Store = (*Store)(nil)
+
+// Store is the in-memory storage.Store. It is safe for concurrent use.
+type Store struct {
+	// Now is the clock for Commit's due time and the time of a dead letter;
+	// New sets it to time.Now. Replace it, before the store is shared, to
+	// test with a fake clock.
+	Now func() time.Time
+
+	capacity int64
+	live     atomic.Int64 // live messages; dead letters do not count
+	closed   atomic.Bool
+	seed     maphash.Seed
+	shards   [numShards]shard
+}
+
+type shard struct {
+	mu       sync.Mutex
+	live     map[string]*node[*storage.Message]
+	liveByID *index[*storage.Message]
+	dead     map[string]*node[*storage.DeadLetter]
+	deadByID *index[*storage.DeadLetter]
+	_        [64]byte // keep neighbouring shards' mutexes off one cache line
+}
+
+func (sh *shard) reset() {
+	sh.live = make(map[string]*node[*storage.Message])
+	sh.liveByID = newIndex[*storage.Message]()
+	sh.dead = make(map[string]*node[*storage.DeadLetter])
+	sh.deadByID = newIndex[*storage.DeadLetter]()
+}
+
+// New returns an empty store that holds up to capacity live messages;
+// capacity <= 0 means DefaultCapacity.
+func New(capacity int) *Store {
+	if capacity <= 0 {
+		capacity = DefaultCapacity
+	}
+	s := &Store{Now: time.Now, capacity: int64(capacity), seed: maphash.MakeSeed()}
+	for i := range s.shards {
+		s.shards[i].reset()
+	}
+	return s
+}
+
+// Cap returns the most live messages the store holds.
+func (s *Store) Cap() int { return int(s.capacity) }
+
+// Len returns the number of live messages (dead letters not included).
+func (s *Store) Len() int { return int(s.live.Load()) }
+
+func (s *Store) shard(id string) *shard {
+	return &s.shards[maphash.String(s.seed, id)%numShards]
+}
+
+func (s *Store) now() time.Time {
+	if s.Now != nil {
+		return s.Now()
+	}
+	return time.Now()
+}
+
+// begin is the check every call starts with.
+func (s *Store) begin(ctx context.Context, op string) error {
+	if s.closed.Load() {
+		return closedError(op)
+	}
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("memory store: %s: %w", op, err)
+	}
+	return nil
+}
+
+func closedError(op string) error { return fmt.Errorf("memory store: %s: %w", op, storage.ErrClosed) }
+
+func notFound(op, id string) error {
+	return fmt.Errorf("memory store: %s %s: %w", op, id, storage.ErrNotFound)
+}
+
+// reserve takes one unit of capacity, or reports that the store is full.
+func (s *Store) reserve() bool {
+	for {
+		n := s.live.Load()
+		if n >= s.capacity {
+			return false
+		}
+		if s.live.CompareAndSwap(n, n+1) {
+			return true
+		}
+	}
+}
+
+func validate(m *storage.Message) error {
+	switch {
+	case m == nil:
+		return fmt.Errorf("memory store: save: %w: nil message", storage.ErrInvalid)
+	case m.Header == nil:
+		return fmt.Errorf("memory store: save: %w: message has no header", storage.ErrInvalid)
+	case !protocol.ValidMessageId(m.ID()):
+		return fmt.Errorf("memory store: save %q: %w: id is not %d lowercase hex characters",
+			m.ID(), storage.ErrInvalid, protocol.MessageIdLen)
+	}
+	return nil
+}
+
+// Save stores a deep copy of m. It returns an error wrapping
+// storage.ErrFull, and evicts nothing, when the store already holds its
+// capacity of live messages. An id that is live or dead-lettered is a
+// duplicate: nothing is stored and Save reports (false, nil).
+func (s *Store) Save(ctx context.Context, m *storage.Message) (bool, error) {
+	if err := s.begin(ctx, "save"); err != nil {
+		return false, err
+	}
+	if err := validate(m); err != nil {
+		return false, err
+	}
+	id := m.ID()
+	own := m.Clone() // outside the lock: the copy is the costly part
+	sh := s.shard(id)
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	if s.closed.Load() {
+		return false, closedError("save")
+	}
+	if _, ok := sh.live[id]; ok {
+		return false, nil
+	}
+	if _, ok := sh.dead[id]; ok {
+		return false, nil
+	}
+	if !s.reserve() {
+		return false, fmt.Errorf("memory store: full (%d messages; raise ?cap=): %w", s.capacity, storage.ErrFull)
+	}
+	sh.live[id] = sh.liveByID.insert(id, own)
+	return true, nil
+}
+
+// lookup returns the live message id under the shard lock.
+func (s *Store) lookup(op, id string) (*storage.Message, error) {
+	sh := s.shard(id)
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	if s.closed.Load() {
+		return nil, closedError(op)
+	}
+	n, ok := sh.live[id]
+	if !ok {
+		return nil, notFound(op, id)
+	}
+	return n.val, nil
+}
+
+// Get returns a deep copy of the live message with that id.
+func (s *Store) Get(ctx context.Context, id string) (*storage.Message, error) {
+	if err := s.begin(ctx, "get"); err != nil {
+		return nil, err
+	}
+	m, err := s.lookup("get", id)
+	if err != nil {
+		return nil, err
+	}
+	return m.Clone(), nil // stored values are immutable: copy outside the lock
+}
+
+// update replaces the live message id with change(old) under the shard
+// lock. change must not modify old; it returns the new value, or an error
+// that leaves the message as it was.
+func (s *Store) update(op, id string, change func(old *storage.Message) (*storage.Message, error)) error {
+	sh := s.shard(id)
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	if s.closed.Load() {
+		return closedError(op)
+	}
+	n, ok := sh.live[id]
+	if !ok {
+		return notFound(op, id)
+	}
+	m, err := change(n.val)
+	if err != nil {
+		return err
+	}
+	n.val = m
+	return nil
+}
+
+// Commit marks the message committed and due now. It also sets the
+// header's commit flag, so that consumers receive commit=true. Committing
+// a committed message changes nothing.
+func (s *Store) Commit(ctx context.Context, id string) error {
+	if err := s.begin(ctx, "commit"); err != nil {
+		return err
+	}
+	return s.update("commit", id, func(old *storage.Message) (*storage.Message, error) {
+		if old.Committed {
+			return old, nil
+		}
+		m := *old
+		m.Committed = true
+		m.NextDeliverTime = s.now()
+		m.Header = protocol.Clone(old.Header)
+		committed := true
+		m.Header.Commit = &committed
+		return &m, nil
+	})
+}
+
+// Rollback deletes an uncommitted message; storage.ErrDecided when it is
+// committed. A missing (or dead-lettered) id succeeds.
+func (s *Store) Rollback(ctx context.Context, id string) error {
+	if err := s.begin(ctx, "rollback"); err != nil {
+		return err
+	}
+	sh := s.shard(id)
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	if s.closed.Load() {
+		return closedError("rollback")
+	}
+	n, ok := sh.live[id]
+	if !ok {
+		return nil
+	}
+	if n.val.Committed {
+		return fmt.Errorf("memory store: rollback %s: %w (committed)", id, storage.ErrDecided)
+	}
+	s.removeLive(sh, id)
+	return nil
+}
+
+// removeLive drops a live message; the caller holds sh.mu.
+func (s *Store) removeLive(sh *shard, id string) {
+	delete(sh.live, id)
+	sh.liveByID.remove(id)
+	s.live.Add(-1)
+}
+
+// RecordDelivery stores the outcome of a delivery round (or of a
+// transaction check: an uncommitted message's NextDeliverTime is when it is
+// checked next).
+func (s *Store) RecordDelivery(ctx context.Context, r storage.DeliveryResult) error {
+	if err := s.begin(ctx, "record delivery"); err != nil {
+		return err
+	}
+	succ := append([]string(nil), r.SuccGroups...)
+	fail := append([]string(nil), r.FailGroups...)
+	return s.update("record delivery", r.MessageID, func(old *storage.Message) (*storage.Message, error) {
+		m := *old
+		m.DeliverCount = r.DeliverCount
+		m.NextDeliverTime = r.NextDeliverTime
+		m.SuccGroups = succ
+		m.FailGroups = fail
+		return &m, nil
+	})
+}
+
+// Delete removes a live message. A missing id succeeds; a dead letter stays
+// in the dead-letter queue.
+func (s *Store) Delete(ctx context.Context, id string) error {
+	if err := s.begin(ctx, "delete"); err != nil {
+		return err
+	}
+	sh := s.shard(id)
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	if s.closed.Load() {
+		return closedError("delete")
+	}
+	if _, ok := sh.live[id]; ok {
+		s.removeLive(sh, id)
+	}
+	return nil
+}
+
+// DeadLetter moves a live message to the dead-letter queue, freeing its
+// unit of capacity.
+func (s *Store) DeadLetter(ctx context.Context, id string, reason string) error {
+	if err := s.begin(ctx, "dead-letter"); err != nil {
+		return err
+	}
+	sh := s.shard(id)
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	if s.closed.Load() {
+		return closedError("dead-letter")
+	}
+	n, ok := sh.live[id]
+	if !ok {
+		return notFound("dead-letter", id)
+	}
+	s.removeLive(sh, id)
+	dl := &storage.DeadLetter{Message: n.val, Reason: reason, At: s.now()}
+	sh.dead[id] = sh.deadByID.insert(id, dl)
+	return nil
+}
+
+// Due returns up to q.Limit messages of q.Kind whose NextDeliverTime is at
+// or before q.Before, with ids above q.AfterID, in ascending id order.
+//
+// Cost: each shard seeks to q.AfterID in O(log n) and walks forward,
+// skipping messages that are not due, until it has a page or passes the
+// largest id the page can still hold. Paging through every due message is
+// therefore about one walk over the store; a page where few messages are
+// due walks past the many that are not.
+func (s *Store) Due(ctx context.Context, q storage.DueQuery) ([]*storage.Message, error) {
+	if err := s.begin(ctx, "due"); err != nil {
+		return nil, err
+	}
+	var due func(m *storage.Message) bool
+	switch q.Kind {
+	case storage.DueDelivery:
+		due = func(m *storage.Message) bool { return m.Committed && !m.NextDeliverTime.After(q.Before) }
+	case storage.DueTxCheck:
+		due = func(m *storage.Message) bool { return !m.Committed && !m.NextDeliverTime.After(q.Before) }
+	default:
+		return nil, fmt.Errorf("memory store: due: unknown kind %d (want DueDelivery or DueTxCheck)", q.Kind)
+	}
+	page, err := collect(ctx, s, "due", q.AfterID, q.Limit, func(sh *shard) *index[*storage.Message] { return sh.liveByID }, due)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]*storage.Message, len(page))
+	for i, m := range page {
+		out[i] = m.Clone()
+	}
+	return out, nil
+}
+
+// DeadLetters returns up to limit dead letters with ids above afterID, in
+// ascending id order.
+func (s *Store) DeadLetters(ctx context.Context, afterID string, limit int) ([]*storage.DeadLetter, error) {
+	if err := s.begin(ctx, "dead letters"); err != nil {
+		return nil, err
+	}
+	page, err := collect(ctx, s, "dead letters", afterID, limit,
+		func(sh *shard) *index[*storage.DeadLetter] { return sh.deadByID },
+		func(*storage.DeadLetter) bool { return true })
+	if err != nil {
+		return nil, err
+	}
+	out := make([]*storage.DeadLetter, len(page))
+	for i, dl := range page {
+		out[i] = &storage.DeadLetter{Message: dl.Message.Clone(), Reason: dl.Reason, At: dl.At}
+	}
+	return out, nil
+}
+
+type hit[V any] struct {
+	id  string
+	val V
+}
+
+// collect gathers the first limit values with ids above afterID that match,
+// across all shards, in ascending id order. It visits one shard at a time
+// and merges that shard's run into the page so far; once the page is full,
+// the next shards stop walking at the page's largest id. The values are
+// the stored ones: the caller copies them.
+func collect[V any](ctx context.Context, s *Store, op, afterID string, limit int, byID func(*shard) *index[V], match func(V) bool) ([]V, error) {
+	if limit <= 0 {
+		limit = DefaultLimit
+	}
+	var page, run, merged []hit[V]
+	for i := range s.shards {
+		if err := ctx.Err(); err != nil {
+			return nil, fmt.Errorf("memory store: %s: %w", op, err)
+		}
+		full := len(page) == limit
+		var bound string
+		if full {
+			bound = page[limit-1].id
+		}
+		run = run[:0]
+		sh := &s.shards[i]
+		sh.mu.Lock()
+		if s.closed.Load() {
+			sh.mu.Unlock()
+			return nil, closedError(op)
+		}
+		for n := byID(sh).after(afterID); n != nil && len(run) < limit; n = n.next[0] {
+			if full && n.key >= bound {
+				break
+			}
+			if match(n.val) {
+				run = append(run, hit[V]{n.key, n.val})
+			}
+		}
+		sh.mu.Unlock()
+		if len(run) == 0 {
+			continue
+		}
+		merged = mergeLimit(merged[:0], page, run, limit)
+		page, merged = merged, page
+	}
+	out := make([]V, len(page))
+	for i, h := range page {
+		out[i] = h.val
+	}
+	return out, nil
+}
+
+// mergeLimit appends to dst the first limit hits of the sorted runs a and b.
+func mergeLimit[V any](dst, a, b []hit[V], limit int) []hit[V] {
+	for len(dst) < limit && (len(a) > 0 || len(b) > 0) {
+		if len(b) == 0 || (len(a) > 0 && a[0].id < b[0].id) {
+			dst, a = append(dst, a[0]), a[1:]
+		} else {
+			dst, b = append(dst, b[0]), b[1:]
+		}
+	}
+	return dst
+}
+
+// Close drops every message; later calls return storage.ErrClosed, and so
+// does a second Close.
+func (s *Store) Close() error {
+	if !s.closed.CompareAndSwap(false, true) {
+		return closedError("close")
+	}
+	for i := range s.shards {
+		sh := &s.shards[i]
+		sh.mu.Lock()
+		sh.reset()
+		sh.mu.Unlock()
+	}
+	s.live.Store(0)
+	return nil
+}
