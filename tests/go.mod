@@ -8,6 +8,7 @@ require (
 	github.com/kiteq/kiteq/protocol v0.0.0-00010101000000-000000000000
 	github.com/kiteq/kiteq/registry v0.0.0-00010101000000-000000000000
 	go.uber.org/fx v1.24.0
+	go.uber.org/goleak v1.3.0
 	go.uber.org/zap v1.28.0
 	google.golang.org/protobuf v1.36.12
 )
