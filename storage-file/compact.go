@@ -1,0 +1,189 @@
+package filestore
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"os"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// maintainEvery spaces the space checks of a busy writer.
+const maintainEvery = 50 * time.Millisecond
+
+// compactChunk bounds the bytes of the oldest segment looked at in one
+// step, so writes wait for compaction only briefly.
+const compactChunk = 4 << 20
+
+// maintain reclaims space: it deletes the oldest segments while nothing in
+// them is live, and compacts the oldest one a chunk at a time when it is
+// mostly finished or when finished data behind it outweighs what is live.
+// Only the oldest segment is ever deleted, so a tombstone is never deleted
+// before the record it finishes.
+func (s *Store) maintain() {
+	if s.maintErr != nil || time.Since(s.lastMaint) < maintainEvery {
+		return
+	}
+	s.lastMaint = time.Now()
+	for len(s.segIDs) > 1 {
+		oldest := s.segIDs[0]
+		s.mu.Lock()
+		live := s.idx.segs[oldest].live
+		compact := s.needsCompactionLocked(oldest)
+		s.mu.Unlock()
+		if live == 0 {
+			if err := s.dropOldest(); err != nil {
+				s.maintErr = err
+				s.log.Error("file store stops reclaiming space", zap.Error(err))
+				return
+			}
+			continue
+		}
+		if compact {
+			if err := s.compactStep(oldest); err != nil {
+				s.log.Error("file store compaction", zap.Uint32("segment", oldest), zap.Error(err))
+			}
+		}
+		return
+	}
+}
+
+// needsCompactionLocked: the oldest segment is mostly finished, or the
+// finished bytes of the log exceed its live bytes (and two segments).
+func (s *Store) needsCompactionLocked(oldest uint32) bool {
+	o := s.idx.segs[oldest]
+	if float64(o.liveBytes) < s.opts.CompactRatio*float64(o.size) {
+		return true
+	}
+	var size, live int64
+	for _, id := range s.segIDs[:len(s.segIDs)-1] {
+		st := s.idx.segs[id]
+		size += st.size
+		live += st.liveBytes
+	}
+	return size-live > max(live, 2*s.opts.SegmentSize)
+}
+
+// dropOldest deletes the oldest segment, which holds nothing live. What
+// compaction copied out of it is made durable first.
+func (s *Store) dropOldest() error {
+	if s.dirty {
+		if err := s.active.f.Sync(); err != nil {
+			s.fail(fmt.Errorf("fsync %s: %w", s.active.f.Name(), err))
+			return err
+		}
+		s.dirty = false
+	}
+	oldest := s.segIDs[0]
+	s.mu.Lock()
+	delete(s.idx.segs, oldest)
+	s.mu.Unlock()
+	s.segMu.Lock()
+	seg := s.segs[oldest]
+	delete(s.segs, oldest)
+	s.segMu.Unlock()
+	s.segIDs = s.segIDs[1:]
+	s.compactAt = 0
+	seg.f.Close()
+	if err := os.Remove(seg.f.Name()); err != nil {
+		return fmt.Errorf("delete %s: %w", seg.f.Name(), err)
+	}
+	// Durable before the next deletion: were this file to come back after
+	// a crash while a newer one did not, its messages would lose their
+	// tombstones.
+	if err := syncDir(s.opts.Dir); err != nil {
+		return fmt.Errorf("sync %s: %w", s.opts.Dir, err)
+	}
+	s.log.Debug("segment deleted", zap.Uint32("segment", oldest))
+	return nil
+}
+
+// compactStep copies the live messages of the next chunk of the oldest
+// segment to the head of the log, each as one recSave with its whole
+// state. The writer is the only goroutine that applies records, so the
+// state read here is still current when the copies are applied.
+func (s *Store) compactStep(oldest uint32) error {
+	seg := s.segs[oldest] // only the writer deletes segments: no lock needed
+	s.mu.Lock()
+	size := s.idx.segs[oldest].size
+	s.mu.Unlock()
+	if s.compactAt >= size {
+		return nil // everything was copied; deletion follows once applied
+	}
+	type candidate struct {
+		r *record
+		p pos
+	}
+	var cands []candidate
+	br := bufio.NewReaderSize(io.NewSectionReader(seg.f, s.compactAt, size-s.compactAt), 256<<10)
+	at := s.compactAt
+	var hdr [recordHeaderLen]byte
+	for at < size && at-s.compactAt < compactChunk {
+		if _, err := io.ReadFull(br, hdr[:]); err != nil {
+			return fmt.Errorf("read %s at %d: %w", seg.f.Name(), at, err)
+		}
+		n, crc, err := parseRecordHeader(hdr[:])
+		if err != nil {
+			return fmt.Errorf("%s at %d: %w", seg.f.Name(), at, err)
+		}
+		payload := make([]byte, n)
+		if _, err := io.ReadFull(br, payload); err != nil {
+			return fmt.Errorf("read %s at %d: %w", seg.f.Name(), at, err)
+		}
+		r, err := decodeRecord(payload, crc)
+		if err != nil {
+			return fmt.Errorf("%s at %d: %w", seg.f.Name(), at, err)
+		}
+		p := pos{seg: oldest, off: uint32(at), size: uint32(recordHeaderLen + n)}
+		if r.kind == recSave {
+			cands = append(cands, candidate{r, p})
+		}
+		at += int64(p.size)
+	}
+
+	type live struct {
+		r    *record
+		e    entry
+		info deadInfo
+	}
+	var lives []live
+	s.mu.Lock()
+	for _, c := range cands {
+		if e, ok := s.idx.entries[c.r.id]; ok && e.save == c.p {
+			lives = append(lives, live{c.r, e, s.idx.dead[c.r.id]})
+		}
+	}
+	s.mu.Unlock()
+
+	var q []byte
+	var recs []*record
+	var sizes []uint32
+	for _, l := range lives {
+		r := *l.r
+		r.state, r.count, r.next = l.e.state, l.e.count, l.e.next
+		r.reason, r.at = l.info.reason, l.info.at
+		if l.e.delivery.size > 0 {
+			dr, err := s.readRecord(l.e.delivery)
+			if err != nil {
+				return err
+			}
+			r.succ, r.fail = dr.succ, dr.fail
+		}
+		before := len(q)
+		q = appendRecord(q, &r)
+		r.header, r.body = nil, nil
+		recs = append(recs, &r)
+		sizes = append(sizes, uint32(len(q)-before))
+	}
+	if len(recs) > 0 {
+		if n, err := s.write(q, recs, sizes); err != nil {
+			return fmt.Errorf("copy %d of %d live messages: %w", len(recs)-n, len(recs), err)
+		}
+	}
+	s.log.Debug("compacted", zap.Uint32("segment", oldest), zap.Int64("from", s.compactAt), zap.Int64("to", at),
+		zap.Int("copied", len(recs)))
+	s.compactAt = at
+	return nil
+}

@@ -1,0 +1,774 @@
+// Package filestore is KiteQ's durable store on local files: an
+// append-only log of messages and of their state changes, in segments,
+// with a checksum on every record, and an index in memory rebuilt from the
+// log at open.
+//
+// Durability follows Options.Sync. With SyncAlways (the default) a call
+// returns once its record is on disk, and calls running at the same time
+// share one fsync. After a crash at any byte, Open truncates a torn tail
+// and keeps every record before it.
+//
+// Space: segments whose messages are all finished are deleted, oldest
+// first; the oldest segment is rewritten (its live messages copied to the
+// head of the log) when it is mostly finished or when finished data behind
+// it exceeds what is live. Deleting only from the oldest end keeps every
+// tombstone until the message it finishes is gone from disk.
+package filestore
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/kiteq/kiteq/protocol"
+
+	"github.com/kiteq/kiteq/storage"
+)
+
+// Store is the file store. It is safe for concurrent use.
+type Store struct {
+	opts Options
+	log  *zap.Logger
+	// Now is the clock of Commit; set it before the store is shared.
+	Now func() time.Time
+
+	lockFile *os.File
+
+	// mu guards the index, the queue of records for the writer, and the
+	// store's state. Lock order: mu, then segMu.
+	mu      sync.Mutex
+	idx     *index
+	pending map[msgID]queued // saves queued and not yet applied
+	queue   []byte           // encoded records for the writer
+	recs    []*record        // the records of queue, in order
+	sizes   []uint32         // their encoded sizes
+	batch   *batch           // the callers waiting for queue
+	failed  error            // set after a failure the store cannot undo: refuse writes
+	closed  bool
+
+	// segMu keeps a segment file open while it is read; the writer takes it
+	// exclusively to delete a segment.
+	segMu sync.RWMutex
+	segs  map[uint32]*segment
+
+	// Writer state, owned by the writer goroutine.
+	active     *segment
+	activeSize int64
+	segIDs     []uint32 // ascending; the last one is active
+	dirty      bool     // written since the last fsync
+	compactAt  int64    // next offset to look at in the oldest segment
+	lastMaint  time.Time
+	maintErr   error // a segment could not be deleted: delete no more
+
+	wake chan struct{}
+	stop chan struct{}
+	done chan struct{}
+}
+
+// queued is a record waiting in a batch.
+type queued struct {
+	b *batch
+	i int
+}
+
+// batch is the callers whose records one write of the writer carries.
+type batch struct {
+	done chan struct{}
+	n    int   // records in the batch
+	ok   int   // records [0, ok) are on disk and applied
+	err  error // why the others failed
+}
+
+func newBatch() *batch { return &batch{done: make(chan struct{})} }
+
+var _ storage.Store = (*Store)(nil)
+
+// Open opens (creating if needed) the store in opts.Dir, rebuilds its index
+// from the segments, and logs what recovery did in one line.
+func Open(opts Options, log *zap.Logger) (*Store, error) {
+	if log == nil {
+		log = zap.NewNop()
+	}
+	if opts.SegmentSize <= 0 || opts.CompactRatio < 0 || opts.CompactRatio > 1 || (opts.Sync == SyncInterval && opts.Every <= 0) {
+		return nil, fmt.Errorf("file store: invalid options %+v", opts)
+	}
+	if err := os.MkdirAll(opts.Dir, 0o755); err != nil {
+		return nil, fmt.Errorf("file store: %w", err)
+	}
+	lock, err := lockDir(opts.Dir)
+	if err != nil {
+		return nil, fmt.Errorf("file store: %w", err)
+	}
+	s := &Store{
+		opts: opts, log: log, Now: time.Now, lockFile: lock,
+		idx: newIndex(), pending: make(map[msgID]queued), batch: newBatch(),
+		segs: make(map[uint32]*segment),
+		wake: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{}),
+	}
+	if err := s.recover(); err != nil {
+		s.closeFiles()
+		return nil, fmt.Errorf("file store: %s: %w", opts.Dir, err)
+	}
+	go s.run()
+	return s, nil
+}
+
+// recover replays every segment into the index, truncating what cannot be
+// read, and opens the last segment for appending.
+func (s *Store) recover() error {
+	start := time.Now()
+	ids, err := listSegments(s.opts.Dir)
+	if err != nil {
+		return err
+	}
+	records := 0
+	var truncated []zap.Field
+	var bytes int64
+	for _, id := range ids {
+		seg, err := openSegment(s.opts.Dir, id, false)
+		if err != nil {
+			return err
+		}
+		s.segs[id] = seg
+		s.segIDs = append(s.segIDs, id)
+		res, err := scan(seg, s.idx.apply)
+		if err != nil {
+			return fmt.Errorf("read %s: %w", seg.f.Name(), err)
+		}
+		records += res.records
+		if res.bad != nil {
+			// Never leave unreadable bytes behind the last good record:
+			// the next append would follow them.
+			if err := seg.f.Truncate(res.end); err != nil {
+				return fmt.Errorf("truncate %s: %w", seg.f.Name(), err)
+			}
+			if err := seg.f.Sync(); err != nil {
+				return fmt.Errorf("sync %s: %w", seg.f.Name(), err)
+			}
+			truncated = append(truncated, zap.String(fmt.Sprintf("truncated_%010d", id),
+				fmt.Sprintf("%d bytes at offset %d: %v", res.size-res.end, res.end, res.bad)))
+		}
+		s.idx.seg(id).size = res.end
+		bytes += res.end
+	}
+	if len(s.segIDs) == 0 {
+		if err := s.roll(); err != nil {
+			return err
+		}
+	} else {
+		last := s.segIDs[len(s.segIDs)-1]
+		s.active, s.activeSize = s.segs[last], s.idx.seg(last).size
+	}
+	fields := []zap.Field{
+		zap.String("dir", s.opts.Dir), zap.Stringer("fsync", s.opts.Sync), zap.Int("segments", len(s.segIDs)),
+		zap.Int64("bytes", bytes), zap.Int("records", records), zap.Int("live", s.idx.live),
+		zap.Int("deadLetters", len(s.idx.dead)), zap.Duration("took", time.Since(start)),
+	}
+	if len(truncated) > 0 {
+		s.log.Warn("file store opened after repairing torn or corrupt records", append(fields, truncated...)...)
+	} else {
+		s.log.Info("file store opened", fields...)
+	}
+	return nil
+}
+
+// roll closes the active segment for writing and starts the next one.
+func (s *Store) roll() error {
+	next := uint32(1)
+	if n := len(s.segIDs); n > 0 {
+		next = s.segIDs[n-1] + 1
+	}
+	if s.active != nil && s.dirty {
+		if err := s.active.f.Sync(); err != nil {
+			return err
+		}
+		s.dirty = false
+	}
+	seg, err := openSegment(s.opts.Dir, next, true)
+	if err != nil {
+		return err
+	}
+	if err := syncDir(s.opts.Dir); err != nil {
+		seg.f.Close()
+		return err
+	}
+	s.segMu.Lock()
+	s.segs[next] = seg
+	s.segMu.Unlock()
+	s.mu.Lock()
+	s.idx.seg(next)
+	s.mu.Unlock()
+	s.segIDs = append(s.segIDs, next)
+	s.active, s.activeSize = seg, 0
+	return nil
+}
+
+// enqueue hands an encoded record to the writer and returns the batch to
+// wait for and the record's place in it. The caller holds s.mu.
+func (s *Store) enqueueLocked(r *record, encoded []byte) (*batch, int) {
+	s.queue = append(s.queue, encoded...)
+	s.recs = append(s.recs, r)
+	s.sizes = append(s.sizes, uint32(len(encoded)))
+	b := s.batch
+	i := b.n
+	b.n++
+	select {
+	case s.wake <- struct{}{}:
+	default:
+	}
+	return b, i
+}
+
+// wait blocks until the writer has dealt with record i of b.
+func (s *Store) wait(ctx context.Context, op string, b *batch, i int) error {
+	select {
+	case <-b.done:
+	case <-ctx.Done():
+		// The record is queued and will be written; the caller only stops
+		// waiting for it.
+		return fmt.Errorf("file store: %s: %w", op, ctx.Err())
+	}
+	if i >= b.ok {
+		return fmt.Errorf("file store: %s: %w", op, b.err)
+	}
+	return nil
+}
+
+// writable reports why the store takes no writes now, if it does not.
+func (s *Store) writableLocked(op string) error {
+	switch {
+	case s.closed:
+		return fmt.Errorf("file store: %s: %w", op, storage.ErrClosed)
+	case s.failed != nil:
+		return fmt.Errorf("file store: %s: refusing writes after a failure: %w", op, s.failed)
+	}
+	return nil
+}
+
+// run is the writer goroutine: it takes what callers queued, writes it in
+// one go, fsyncs as the policy says, applies it to the index, and releases
+// the callers; then it reclaims space a little at a time.
+func (s *Store) run() {
+	defer close(s.done)
+	var tick <-chan time.Time
+	if s.opts.Sync == SyncInterval {
+		t := time.NewTicker(s.opts.Every)
+		defer t.Stop()
+		tick = t.C
+	}
+	for {
+		select {
+		case <-s.wake:
+		case <-tick:
+			s.syncIfDirty()
+			continue
+		case <-s.stop:
+			s.flush()
+			s.syncIfDirty()
+			return
+		}
+		s.flush()
+		s.maintain()
+	}
+}
+
+// flush writes and applies what is queued.
+func (s *Store) flush() {
+	s.mu.Lock()
+	q, recs, sizes, b := s.queue, s.recs, s.sizes, s.batch
+	s.queue, s.recs, s.sizes, s.batch = nil, nil, nil, newBatch()
+	s.mu.Unlock()
+	if b.n == 0 {
+		return
+	}
+	b.ok, b.err = s.write(q, recs, sizes)
+	s.mu.Lock()
+	for _, r := range recs {
+		if r.kind == recSave {
+			delete(s.pending, r.id)
+		}
+	}
+	s.mu.Unlock()
+	close(b.done)
+}
+
+// write appends the encoded records q to the log, rolling segments as
+// needed, makes them as durable as the policy says, and applies them to
+// the index. It returns how many records made it, and why the rest failed.
+func (s *Store) write(q []byte, recs []*record, sizes []uint32) (int, error) {
+	var positions []pos
+	written, off := 0, 0
+	var err error
+	for written < len(recs) {
+		// The run of records that fit in the active segment; a record
+		// larger than a segment gets a segment of its own.
+		n, end := 0, written
+		for end < len(recs) && (s.activeSize+int64(n)+int64(sizes[end]) <= s.opts.SegmentSize || s.activeSize+int64(n) == 0) {
+			n += int(sizes[end])
+			end++
+		}
+		if end == written {
+			if err = s.roll(); err != nil {
+				err = fmt.Errorf("start segment: %w", err)
+				break
+			}
+			continue
+		}
+		if _, err = s.active.f.WriteAt(q[off:off+n], s.activeSize); err != nil {
+			err = s.undoWrite(err)
+			break
+		}
+		for i := written; i < end; i++ {
+			positions = append(positions, pos{seg: s.active.id, off: uint32(s.activeSize), size: sizes[i]})
+			s.activeSize += int64(sizes[i])
+		}
+		s.dirty = true
+		off += n
+		written = end
+	}
+	if written > 0 && s.opts.Sync == SyncAlways {
+		if serr := s.active.f.Sync(); serr != nil {
+			// After a failed fsync the kernel may have dropped the dirty
+			// pages: nothing written since the last good fsync can be
+			// trusted, and the store stops taking writes.
+			s.fail(fmt.Errorf("fsync %s: %w", s.active.f.Name(), serr))
+			// Records in segments rolled before were synced by the roll.
+			kept := 0
+			for kept < written && positions[kept].seg != s.active.id {
+				kept++
+			}
+			written, err = kept, serr
+		} else {
+			s.dirty = false
+		}
+	}
+	s.mu.Lock()
+	for i := range written {
+		s.idx.seg(positions[i].seg).size = int64(positions[i].off) + int64(positions[i].size)
+		s.idx.apply(recs[i], positions[i])
+	}
+	s.mu.Unlock()
+	if written < len(recs) && err == nil {
+		err = errors.New("not written")
+	}
+	return written, err
+}
+
+// undoWrite cuts the active segment back after a failed write, so that
+// the log ends with the last good record and the store can write again
+// once the disk has room. When even that fails, the store stops taking
+// writes.
+func (s *Store) undoWrite(werr error) error {
+	if terr := s.active.f.Truncate(s.activeSize); terr != nil {
+		s.fail(fmt.Errorf("write %s: %v; truncate after it: %w", s.active.f.Name(), werr, terr))
+	}
+	return fmt.Errorf("write %s: %w", s.active.f.Name(), werr)
+}
+
+func (s *Store) fail(err error) {
+	s.mu.Lock()
+	if s.failed == nil {
+		s.failed = err
+	}
+	s.mu.Unlock()
+	s.log.Error("file store refuses writes from now on", zap.Error(err))
+}
+
+func (s *Store) syncIfDirty() {
+	if !s.dirty {
+		return
+	}
+	if err := s.active.f.Sync(); err != nil {
+		s.fail(fmt.Errorf("fsync %s: %w", s.active.f.Name(), err))
+		return
+	}
+	s.dirty = false
+}
+
+// Close flushes what is queued, fsyncs, and releases the directory. Later
+// calls return storage.ErrClosed.
+func (s *Store) Close() error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return fmt.Errorf("file store: close: %w", storage.ErrClosed)
+	}
+	s.closed = true
+	s.mu.Unlock()
+	close(s.stop)
+	<-s.done
+	s.mu.Lock()
+	err := s.failed
+	s.mu.Unlock()
+	if cerr := s.closeFiles(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+func (s *Store) closeFiles() error {
+	var err error
+	s.segMu.Lock()
+	for _, seg := range s.segs {
+		if cerr := seg.f.Close(); err == nil {
+			err = cerr
+		}
+	}
+	s.segs = nil
+	s.segMu.Unlock()
+	s.lockFile.Close() // releases the flock
+	return err
+}
+
+// now returns the store's clock in milliseconds.
+func (s *Store) nowMillis() int64 { return s.Now().UnixMilli() }
+
+func notFound(op, id string) error {
+	return fmt.Errorf("file store: %s %s: %w", op, id, storage.ErrNotFound)
+}
+
+// Save stores a new message; an id that exists (live or dead-lettered)
+// changes nothing and reports false.
+func (s *Store) Save(ctx context.Context, m *storage.Message) (bool, error) {
+	if m == nil || m.Header == nil {
+		return false, fmt.Errorf("file store: save: %w: no header", storage.ErrInvalid)
+	}
+	id, ok := parseID(m.ID())
+	if !ok {
+		return false, fmt.Errorf("file store: save: %w: message id %q", storage.ErrInvalid, m.ID())
+	}
+	if err := ctx.Err(); err != nil {
+		return false, fmt.Errorf("file store: save: %w", err)
+	}
+	st := state(0)
+	if m.Committed {
+		st = flagCommitted
+	}
+	r, err := saveRecord(id, m, st, "", 0)
+	if err != nil {
+		return false, err
+	}
+	r.next = truncMillis(m.NextDeliverTime)
+	buf := appendRecord(nil, r)
+	// The index keeps no payload: let the record drop the caller's bytes.
+	r.header, r.body, r.succ, r.fail = nil, nil, nil, nil
+
+	for {
+		s.mu.Lock()
+		if err := s.writableLocked("save"); err != nil {
+			s.mu.Unlock()
+			return false, err
+		}
+		if _, exists := s.idx.entries[id]; exists {
+			s.mu.Unlock()
+			return false, nil
+		}
+		if other, queuedAlready := s.pending[id]; queuedAlready {
+			// The same id is being saved: its outcome is ours.
+			s.mu.Unlock()
+			if err := s.wait(ctx, "save "+m.ID(), other.b, other.i); err == nil || ctx.Err() != nil {
+				return false, err
+			}
+			continue // that save failed: try ours
+		}
+		b, i := s.enqueueLocked(r, buf)
+		s.pending[id] = queued{b, i}
+		s.mu.Unlock()
+		if err := s.wait(ctx, "save "+m.ID(), b, i); err != nil {
+			return false, err
+		}
+		return true, nil
+	}
+}
+
+// truncMillis returns t in unix milliseconds, the store's precision.
+func truncMillis(t time.Time) int64 { return toMillis(t) }
+
+// change validates a state change of id under the lock and queues its
+// record; decide returns the record to write, nil for nothing to do, or an
+// error.
+func (s *Store) change(ctx context.Context, op, idStr string, decide func(e entry, ok bool) (*record, error)) error {
+	id, valid := parseID(idStr)
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("file store: %s: %w", op, err)
+	}
+	s.mu.Lock()
+	if err := s.writableLocked(op); err != nil {
+		s.mu.Unlock()
+		return err
+	}
+	var e entry
+	ok := false
+	if valid {
+		e, ok = s.idx.entries[id]
+	}
+	r, err := decide(e, ok)
+	if err != nil || r == nil {
+		s.mu.Unlock()
+		return err
+	}
+	r.id = id
+	b, i := s.enqueueLocked(r, appendRecord(nil, r))
+	s.mu.Unlock()
+	return s.wait(ctx, op+" "+idStr, b, i)
+}
+
+// Commit marks an uncommitted message committed and due now.
+func (s *Store) Commit(ctx context.Context, id string) error {
+	return s.change(ctx, "commit", id, func(e entry, ok bool) (*record, error) {
+		switch {
+		case !ok || e.state.dead():
+			return nil, notFound("commit", id)
+		case e.state.committed():
+			return nil, nil
+		}
+		return &record{kind: recCommit, next: s.nowMillis()}, nil
+	})
+}
+
+// Rollback deletes an uncommitted message; a missing one succeeds.
+func (s *Store) Rollback(ctx context.Context, id string) error {
+	return s.change(ctx, "rollback", id, func(e entry, ok bool) (*record, error) {
+		switch {
+		case !ok || e.state.dead():
+			return nil, nil
+		case e.state.committed():
+			return nil, fmt.Errorf("file store: rollback %s: %w (committed)", id, storage.ErrDecided)
+		}
+		return &record{kind: recRollback}, nil
+	})
+}
+
+// RecordDelivery stores the outcome of a delivery round.
+func (s *Store) RecordDelivery(ctx context.Context, d storage.DeliveryResult) error {
+	return s.change(ctx, "record delivery", d.MessageID, func(e entry, ok bool) (*record, error) {
+		if !ok || e.state.dead() {
+			return nil, notFound("record delivery", d.MessageID)
+		}
+		return &record{kind: recDelivery, count: d.DeliverCount, next: truncMillis(d.NextDeliverTime),
+			succ: d.SuccGroups, fail: d.FailGroups}, nil
+	})
+}
+
+// Delete removes a finished message; a missing one succeeds, a dead
+// letter stays.
+func (s *Store) Delete(ctx context.Context, id string) error {
+	return s.change(ctx, "delete", id, func(e entry, ok bool) (*record, error) {
+		if !ok || e.state.dead() {
+			return nil, nil
+		}
+		return &record{kind: recDelete}, nil
+	})
+}
+
+// DeadLetter moves a live message to the dead-letter queue.
+func (s *Store) DeadLetter(ctx context.Context, id string, reason string) error {
+	return s.change(ctx, "dead-letter", id, func(e entry, ok bool) (*record, error) {
+		if !ok || e.state.dead() {
+			return nil, notFound("dead-letter", id)
+		}
+		return &record{kind: recDead, reason: reason, at: s.nowMillis()}, nil
+	})
+}
+
+// Get returns a copy of the live message with that id.
+func (s *Store) Get(ctx context.Context, idStr string) (*storage.Message, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("file store: get: %w", err)
+	}
+	id, ok := parseID(idStr)
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil, fmt.Errorf("file store: get: %w", storage.ErrClosed)
+	}
+	e, found := s.idx.entries[id]
+	if !ok || !found || e.state.dead() {
+		s.mu.Unlock()
+		return nil, notFound("get", idStr)
+	}
+	s.segMu.RLock()
+	s.mu.Unlock()
+	defer s.segMu.RUnlock()
+	return s.load(e)
+}
+
+// Due pages through due messages in (NextDeliverTime, id) order.
+func (s *Store) Due(ctx context.Context, q storage.DueQuery) ([]*storage.Message, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("file store: due: %w", err)
+	}
+	limit := q.Limit
+	if limit <= 0 {
+		limit = 100
+	}
+	tree := 0
+	if q.Kind == storage.DueTxCheck {
+		tree = 1
+	}
+	before := truncMillis(q.Before)
+	after := dueKey{next: truncMillis(q.After.Time)}
+	// Start at the cursor's time and skip the keys at that time whose id is
+	// not above the cursor's: ids order as their hex strings do, and a
+	// cursor id need not be a message id. A cursor between two milliseconds
+	// is after every key of the earlier one.
+	afterID := q.After.ID
+	if !q.After.Time.IsZero() && q.After.Time.After(time.UnixMilli(after.next)) {
+		after.next++
+		afterID = ""
+	}
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil, fmt.Errorf("file store: due: %w", storage.ErrClosed)
+	}
+	var es []entry
+	s.idx.due[tree].AscendAfter(after, true, func(k dueKey) bool {
+		if k.next > before || len(es) == limit {
+			return false
+		}
+		if afterID != "" && k.next == after.next && k.id.String() <= afterID {
+			return true
+		}
+		es = append(es, s.idx.entries[k.id])
+		return true
+	})
+	s.segMu.RLock()
+	s.mu.Unlock()
+	defer s.segMu.RUnlock()
+	out := make([]*storage.Message, 0, len(es))
+	for _, e := range es {
+		m, err := s.load(e)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, m)
+	}
+	return out, nil
+}
+
+// DeadLetters pages through the dead-letter queue in id order.
+func (s *Store) DeadLetters(ctx context.Context, afterID string, limit int) ([]*storage.DeadLetter, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("file store: dead letters: %w", err)
+	}
+	if limit <= 0 {
+		limit = 100
+	}
+	// Seek to the first id whose hex is above afterID, which need not be a
+	// message id: ids order as their hex strings do.
+	var from msgID
+	if afterID != "" {
+		padded := []byte(afterID)
+		if len(padded) > protocol.MessageIdLen {
+			padded = padded[:protocol.MessageIdLen]
+		}
+		for len(padded) < protocol.MessageIdLen {
+			padded = append(padded, '0')
+		}
+		for i, c := range padded {
+			if (c < '0' || c > '9') && (c < 'a' || c > 'f') {
+				// Past the hex alphabet: no id at this prefix is larger.
+				if c > 'f' {
+					for j := i; j < len(padded); j++ {
+						padded[j] = 'f'
+					}
+				} else {
+					for j := i; j < len(padded); j++ {
+						padded[j] = '0'
+					}
+				}
+				break
+			}
+		}
+		from, _ = parseID(string(padded))
+	}
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil, fmt.Errorf("file store: dead letters: %w", storage.ErrClosed)
+	}
+	type dead struct {
+		e    entry
+		info deadInfo
+	}
+	var ds []dead
+	s.idx.deadIDs.AscendAfter(from, true, func(id msgID) bool {
+		if len(ds) == limit {
+			return false
+		}
+		if afterID != "" && id.String() <= afterID {
+			return true
+		}
+		ds = append(ds, dead{s.idx.entries[id], s.idx.dead[id]})
+		return true
+	})
+	s.segMu.RLock()
+	s.mu.Unlock()
+	defer s.segMu.RUnlock()
+	out := make([]*storage.DeadLetter, 0, len(ds))
+	for _, d := range ds {
+		m, err := s.load(d.e)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, &storage.DeadLetter{Message: m, Reason: d.info.reason, At: fromMillis(d.info.at)})
+	}
+	return out, nil
+}
+
+// readRecord reads the record at p. The caller holds segMu for reading.
+func (s *Store) readRecord(p pos) (*record, error) {
+	seg := s.segs[p.seg]
+	if seg == nil {
+		return nil, fmt.Errorf("file store: segment %d is gone", p.seg)
+	}
+	buf := make([]byte, p.size)
+	if _, err := seg.f.ReadAt(buf, int64(p.off)); err != nil {
+		return nil, fmt.Errorf("file store: read %s at %d: %w", seg.f.Name(), p.off, err)
+	}
+	n, crc, err := parseRecordHeader(buf)
+	if err == nil && n != len(buf)-recordHeaderLen {
+		err = fmt.Errorf("%w: length %d where %d was written", errCorrupt, n, len(buf)-recordHeaderLen)
+	}
+	var r *record
+	if err == nil {
+		r, err = decodeRecord(buf[recordHeaderLen:], crc)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("file store: %s at %d: %w", seg.f.Name(), p.off, err)
+	}
+	return r, nil
+}
+
+// load rebuilds the message of e from its records. The caller holds segMu
+// for reading.
+func (s *Store) load(e entry) (*storage.Message, error) {
+	sr, err := s.readRecord(e.save)
+	if err != nil {
+		return nil, err
+	}
+	m, err := sr.message()
+	if err != nil {
+		return nil, err
+	}
+	m.Committed = e.state.committed()
+	if m.Committed {
+		m.Header.Commit = new(true)
+	}
+	m.DeliverCount = e.count
+	m.NextDeliverTime = fromMillis(e.next)
+	if e.delivery.size > 0 {
+		dr, err := s.readRecord(e.delivery)
+		if err != nil {
+			return nil, err
+		}
+		m.SuccGroups, m.FailGroups = dr.succ, dr.fail
+	}
+	return m, nil
+}
