@@ -336,7 +336,7 @@ func (e *engine) recover(ctx context.Context) (int, error) {
 		if len(page) < q.Limit {
 			return n, nil
 		}
-		q.AfterID = page[len(page)-1].ID()
+		q.After = page[len(page)-1].Cursor()
 	}
 }
 

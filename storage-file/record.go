@@ -89,14 +89,14 @@ func (st state) dead() bool      { return st&flagDead != 0 }
 
 // record is a decoded record. Only the fields of its kind are set.
 type record struct {
-	kind  recordKind
-	id    msgID
-	state state  // recSave
-	cmd   uint8  // recSave
-	count int32  // recSave, recDelivery
-	next  int64  // unix ms: recSave, recCommit, recDelivery
-	succ  []string
-	fail  []string
+	kind   recordKind
+	id     msgID
+	state  state // recSave
+	cmd    uint8 // recSave
+	count  int32 // recSave, recDelivery
+	next   int64 // unix ms: recSave, recCommit, recDelivery
+	succ   []string
+	fail   []string
 	reason string // recSave (dead), recDead
 	at     int64  // unix ms: recSave (dead), recDead
 	header []byte // recSave: protobuf Header

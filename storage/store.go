@@ -7,6 +7,7 @@ package storage
 import (
 	"context"
 	"errors"
+	"strings"
 	"time"
 
 	"github.com/kiteq/kiteq/protocol"
@@ -43,7 +44,10 @@ type Message struct {
 	// DeliverCount counts delivery rounds so far.
 	DeliverCount int32
 	// NextDeliverTime is when the message is next due: for delivery when
-	// committed, for a transaction check otherwise.
+	// committed, for a transaction check otherwise. A backend keeps it to
+	// at least the millisecond and may drop anything finer (the memory
+	// store truncates it to the millisecond); what Get and Due return is
+	// the time as stored.
 	NextDeliverTime time.Time
 	// SuccGroups lists the groups that acknowledged the message; FailGroups
 	// the groups whose last delivery failed. A retry goes to FailGroups only.
@@ -53,6 +57,9 @@ type Message struct {
 
 // ID returns the message id.
 func (m *Message) ID() string { return m.Header.GetMessageId() }
+
+// Cursor returns m's position in the due order: its NextDeliverTime and id.
+func (m *Message) Cursor() Cursor { return Cursor{Time: m.NextDeliverTime, ID: m.ID()} }
 
 // NewMessage returns the stored form of a message received from a producer.
 func NewMessage(msg protocol.Message, now time.Time) *Message {
@@ -116,14 +123,48 @@ const (
 	DueTxCheck
 )
 
-// DueQuery asks for up to Limit messages of Kind due at or before Before,
-// with ids above AfterID, in ascending id order. To page, pass the last id
-// of one page as AfterID of the next.
+// Cursor is a position in the due order, the order in which Due returns
+// messages: by NextDeliverTime, then by id. Cursor a comes before cursor b
+// when a.Time is before b.Time, or the times are equal (the same instant,
+// whatever their locations) and a.ID < b.ID (bytewise). Compare implements
+// it.
+//
+// Backends may keep NextDeliverTime to the millisecond only and compare
+// stored times, so positions are those of the stored times. The Cursor of
+// a message that Due or Get returned holds its time as stored, so it
+// round-trips exactly: paging with it neither skips nor repeats a message.
+type Cursor struct {
+	Time time.Time
+	ID   string
+}
+
+// Compare returns -1 when c comes before d in the due order, +1 when it
+// comes after, and 0 when they are the same position.
+func (c Cursor) Compare(d Cursor) int {
+	if r := c.Time.Compare(d.Time); r != 0 {
+		return r
+	}
+	return strings.Compare(c.ID, d.ID)
+}
+
+// IsZero reports whether c is the zero Cursor: as DueQuery.After, the
+// beginning of the due order.
+func (c Cursor) IsZero() bool { return c.Time.IsZero() && c.ID == "" }
+
+// DueQuery asks for up to Limit messages of Kind whose NextDeliverTime is at
+// or before Before, ordered by (NextDeliverTime, ID), strictly after After
+// (the zero Cursor starts at the beginning). To page, pass the Cursor of the
+// last message of one page as After of the next.
+//
+// Paging is by key, not by snapshot: a message that is rescheduled while a
+// caller pages is found again only if its new position is after the
+// caller's cursor and at or before Before. A Limit <= 0 asks for the
+// backend's default page size.
 type DueQuery struct {
-	Kind    DueKind
-	Before  time.Time
-	AfterID string
-	Limit   int
+	Kind   DueKind
+	Before time.Time
+	After  Cursor
+	Limit  int
 }
 
 // DeadLetter is a message that ran out of retries or time, with the reason.
@@ -142,17 +183,23 @@ type Store interface {
 	Save(ctx context.Context, m *Message) (stored bool, err error)
 	// Get returns a copy of the live message with that id, or ErrNotFound.
 	Get(ctx context.Context, id string) (*Message, error)
-	// Commit marks an uncommitted message committed and due now. Committing
-	// a committed message succeeds; ErrNotFound after a rollback.
+	// Commit marks an uncommitted message committed and due now: it leaves
+	// the DueTxCheck kind and joins DueDelivery with NextDeliverTime set
+	// to the time of the commit. Committing a committed message succeeds
+	// and changes nothing; ErrNotFound after a rollback.
 	Commit(ctx context.Context, id string) error
 	// Rollback deletes an uncommitted message. Rolling back a missing
 	// message succeeds; ErrDecided when the message was committed.
 	Rollback(ctx context.Context, id string) error
-	// RecordDelivery stores the outcome of a delivery round.
+	// RecordDelivery stores the outcome of a delivery round (or of a
+	// transaction check), which moves the message in the due order to its
+	// new NextDeliverTime.
 	RecordDelivery(ctx context.Context, r DeliveryResult) error
 	// Delete removes a finished message. Deleting a missing id succeeds.
 	Delete(ctx context.Context, id string) error
-	// Due pages through messages that are due, in ascending id order.
+	// Due pages through messages that are due, in the due order (see
+	// Cursor and DueQuery). It costs about as much as the messages it
+	// returns, however many messages are stored that are not due yet.
 	Due(ctx context.Context, q DueQuery) ([]*Message, error)
 	// DeadLetter moves a live message to the dead-letter queue.
 	DeadLetter(ctx context.Context, id string, reason string) error

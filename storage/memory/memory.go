@@ -4,9 +4,20 @@
 //
 // Messages live in shards chosen by a hash of the id, each with its own
 // mutex, so concurrent publishers rarely wait for each other. Every shard
-// keeps its messages in a map (for Save, Get and the transaction and
-// delivery updates) and in a skip list ordered by id (for Due and
-// DeadLetters).
+// keeps its live messages in a map (for Save, Get and the transaction and
+// delivery updates) and in two skip lists ordered by due position
+// (NextDeliverTime, id): one of committed messages (DueDelivery) and one
+// of uncommitted ones (DueTxCheck). Every write that changes a message's
+// kind or NextDeliverTime moves it between or within them, in O(log n). Due
+// seeks each shard's list to the caller's cursor and walks only the
+// messages it returns, so polling a store of a million messages that are
+// not due yet costs one seek per shard. Dead letters have a map and a skip
+// list ordered by id (for DeadLetters).
+//
+// NextDeliverTime is truncated to the millisecond on every write (Save,
+// Commit, RecordDelivery), as a backend that keeps milliseconds would, so
+// that what Due returns is exactly what it orders by and a message's
+// Cursor round-trips.
 //
 // A stored *storage.Message is never changed in place: an update replaces
 // it with a new value. So a page can be collected under the shard locks as
@@ -19,6 +30,7 @@ import (
 	"context"
 	"fmt"
 	"hash/maphash"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -54,20 +66,58 @@ type Store struct {
 	shards   [numShards]shard
 }
 
+type (
+	liveNode = node[storage.Cursor, *storage.Message]
+	dueIndex = index[storage.Cursor, *storage.Message]
+	deadNode = node[string, *storage.DeadLetter]
+)
+
 type shard struct {
-	mu       sync.Mutex
-	live     map[string]*node[*storage.Message]
-	liveByID *index[*storage.Message]
-	dead     map[string]*node[*storage.DeadLetter]
-	deadByID *index[*storage.DeadLetter]
+	mu sync.Mutex
+	// live maps an id to its node in due[kind(m)], keyed by m.Cursor().
+	live     map[string]*liveNode
+	due      [2]*dueIndex // by storage.DueKind
+	dead     map[string]*deadNode
+	deadByID *index[string, *storage.DeadLetter]
 	_        [64]byte // keep neighbouring shards' mutexes off one cache line
 }
 
 func (sh *shard) reset() {
-	sh.live = make(map[string]*node[*storage.Message])
-	sh.liveByID = newIndex[*storage.Message]()
-	sh.dead = make(map[string]*node[*storage.DeadLetter])
-	sh.deadByID = newIndex[*storage.DeadLetter]()
+	sh.live = make(map[string]*liveNode)
+	for k := range sh.due {
+		sh.due[k] = newIndex[storage.Cursor, *storage.Message](storage.Cursor.Compare)
+	}
+	sh.dead = make(map[string]*deadNode)
+	sh.deadByID = newIndex[string, *storage.DeadLetter](strings.Compare)
+}
+
+// kind is the due kind a live message belongs to.
+func kind(m *storage.Message) storage.DueKind {
+	if m.Committed {
+		return storage.DueDelivery
+	}
+	return storage.DueTxCheck
+}
+
+// msTime is t as the store keeps it: to the millisecond, without a
+// monotonic clock reading.
+func msTime(t time.Time) time.Time { return t.Truncate(time.Millisecond) }
+
+// insertLive adds a live message to its due index; the caller holds sh.mu.
+func (sh *shard) insertLive(m *storage.Message) {
+	sh.live[m.ID()] = sh.due[kind(m)].insert(m.Cursor(), m)
+}
+
+// replaceLive puts m in the place of the live message n; the caller holds
+// sh.mu. It moves the message in the due indexes only when its kind or
+// position changed.
+func (sh *shard) replaceLive(n *liveNode, m *storage.Message) {
+	if kind(m) == kind(n.val) && n.key.Compare(m.Cursor()) == 0 {
+		n.val = m
+		return
+	}
+	sh.due[kind(n.val)].remove(n.key)
+	sh.insertLive(m)
 }
 
 // New returns an empty store that holds up to capacity live messages;
@@ -156,6 +206,7 @@ func (s *Store) Save(ctx context.Context, m *storage.Message) (bool, error) {
 	}
 	id := m.ID()
 	own := m.Clone() // outside the lock: the copy is the costly part
+	own.NextDeliverTime = msTime(own.NextDeliverTime)
 	sh := s.shard(id)
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
@@ -171,7 +222,7 @@ func (s *Store) Save(ctx context.Context, m *storage.Message) (bool, error) {
 	if !s.reserve() {
 		return false, fmt.Errorf("memory store: full (%d messages; raise ?cap=): %w", s.capacity, storage.ErrFull)
 	}
-	sh.live[id] = sh.liveByID.insert(id, own)
+	sh.insertLive(own)
 	return true, nil
 }
 
@@ -220,13 +271,16 @@ func (s *Store) update(op, id string, change func(old *storage.Message) (*storag
 	if err != nil {
 		return err
 	}
-	n.val = m
+	if m != n.val {
+		sh.replaceLive(n, m)
+	}
 	return nil
 }
 
-// Commit marks the message committed and due now. It also sets the
-// header's commit flag, so that consumers receive commit=true. Committing
-// a committed message changes nothing.
+// Commit marks the message committed and due now (to the millisecond),
+// moving it from the DueTxCheck index to the DueDelivery one. It also sets
+// the header's commit flag, so that consumers receive commit=true.
+// Committing a committed message changes nothing.
 func (s *Store) Commit(ctx context.Context, id string) error {
 	if err := s.begin(ctx, "commit"); err != nil {
 		return err
@@ -237,7 +291,7 @@ func (s *Store) Commit(ctx context.Context, id string) error {
 		}
 		m := *old
 		m.Committed = true
-		m.NextDeliverTime = s.now()
+		m.NextDeliverTime = msTime(s.now())
 		m.Header = protocol.Clone(old.Header)
 		committed := true
 		m.Header.Commit = &committed
@@ -264,30 +318,31 @@ func (s *Store) Rollback(ctx context.Context, id string) error {
 	if n.val.Committed {
 		return fmt.Errorf("memory store: rollback %s: %w (committed)", id, storage.ErrDecided)
 	}
-	s.removeLive(sh, id)
+	s.removeLive(sh, n)
 	return nil
 }
 
-// removeLive drops a live message; the caller holds sh.mu.
-func (s *Store) removeLive(sh *shard, id string) {
-	delete(sh.live, id)
-	sh.liveByID.remove(id)
+// removeLive drops the live message n; the caller holds sh.mu.
+func (s *Store) removeLive(sh *shard, n *liveNode) {
+	delete(sh.live, n.val.ID())
+	sh.due[kind(n.val)].remove(n.key)
 	s.live.Add(-1)
 }
 
 // RecordDelivery stores the outcome of a delivery round (or of a
 // transaction check: an uncommitted message's NextDeliverTime is when it is
-// checked next).
+// checked next). NextDeliverTime is kept to the millisecond.
 func (s *Store) RecordDelivery(ctx context.Context, r storage.DeliveryResult) error {
 	if err := s.begin(ctx, "record delivery"); err != nil {
 		return err
 	}
 	succ := append([]string(nil), r.SuccGroups...)
 	fail := append([]string(nil), r.FailGroups...)
+	next := msTime(r.NextDeliverTime)
 	return s.update("record delivery", r.MessageID, func(old *storage.Message) (*storage.Message, error) {
 		m := *old
 		m.DeliverCount = r.DeliverCount
-		m.NextDeliverTime = r.NextDeliverTime
+		m.NextDeliverTime = next
 		m.SuccGroups = succ
 		m.FailGroups = fail
 		return &m, nil
@@ -306,8 +361,8 @@ func (s *Store) Delete(ctx context.Context, id string) error {
 	if s.closed.Load() {
 		return closedError("delete")
 	}
-	if _, ok := sh.live[id]; ok {
-		s.removeLive(sh, id)
+	if n, ok := sh.live[id]; ok {
+		s.removeLive(sh, n)
 	}
 	return nil
 }
@@ -328,40 +383,38 @@ func (s *Store) DeadLetter(ctx context.Context, id string, reason string) error 
 	if !ok {
 		return notFound("dead-letter", id)
 	}
-	s.removeLive(sh, id)
+	s.removeLive(sh, n)
 	dl := &storage.DeadLetter{Message: n.val, Reason: reason, At: s.now()}
 	sh.dead[id] = sh.deadByID.insert(id, dl)
 	return nil
 }
 
 // Due returns up to q.Limit messages of q.Kind whose NextDeliverTime is at
-// or before q.Before, with ids above q.AfterID, in ascending id order.
+// or before q.Before, strictly after q.After, in the due order
+// (NextDeliverTime, id).
 //
-// Cost: each shard seeks to q.AfterID in O(log n) and walks forward,
-// skipping messages that are not due, until it has a page or passes the
-// largest id the page can still hold. Paging through every due message is
-// therefore about one walk over the store; a page where few messages are
-// due walks past the many that are not.
+// Cost: each shard seeks its index of q.Kind to q.After in O(log n) and
+// walks forward until q.Before, until it has a page, or, once the shards
+// before it filled the page, until the page's last position. Messages that
+// are not due, or of the other kind, are never visited: a poll that finds
+// nothing due costs one seek per shard however large the backlog.
 func (s *Store) Due(ctx context.Context, q storage.DueQuery) ([]*storage.Message, error) {
 	if err := s.begin(ctx, "due"); err != nil {
 		return nil, err
 	}
-	var due func(m *storage.Message) bool
-	switch q.Kind {
-	case storage.DueDelivery:
-		due = func(m *storage.Message) bool { return m.Committed && !m.NextDeliverTime.After(q.Before) }
-	case storage.DueTxCheck:
-		due = func(m *storage.Message) bool { return !m.Committed && !m.NextDeliverTime.After(q.Before) }
-	default:
+	if q.Kind != storage.DueDelivery && q.Kind != storage.DueTxCheck {
 		return nil, fmt.Errorf("memory store: due: unknown kind %d (want DueDelivery or DueTxCheck)", q.Kind)
 	}
-	page, err := collect(ctx, s, "due", q.AfterID, q.Limit, func(sh *shard) *index[*storage.Message] { return sh.liveByID }, due)
+	before := q.Before
+	page, err := collect(ctx, s, "due", q.After, q.After.IsZero(), q.Limit,
+		func(sh *shard) *dueIndex { return sh.due[q.Kind] },
+		func(c storage.Cursor) bool { return !c.Time.After(before) })
 	if err != nil {
 		return nil, err
 	}
 	out := make([]*storage.Message, len(page))
 	for i, m := range page {
-		out[i] = m.Clone()
+		out[i] = m
 	}
 	return out, nil
 }
@@ -372,9 +425,9 @@ func (s *Store) DeadLetters(ctx context.Context, afterID string, limit int) ([]*
 	if err := s.begin(ctx, "dead letters"); err != nil {
 		return nil, err
 	}
-	page, err := collect(ctx, s, "dead letters", afterID, limit,
-		func(sh *shard) *index[*storage.DeadLetter] { return sh.deadByID },
-		func(*storage.DeadLetter) bool { return true })
+	page, err := collect(ctx, s, "dead letters", afterID, false, limit,
+		func(sh *shard) *index[string, *storage.DeadLetter] { return sh.deadByID },
+		func(string) bool { return true })
 	if err != nil {
 		return nil, err
 	}
@@ -385,29 +438,32 @@ func (s *Store) DeadLetters(ctx context.Context, afterID string, limit int) ([]*
 	return out, nil
 }
 
-type hit[V any] struct {
-	id  string
+type hit[K, V any] struct {
+	key K
 	val V
 }
 
-// collect gathers the first limit values with ids above afterID that match,
-// across all shards, in ascending id order. It visits one shard at a time
-// and merges that shard's run into the page so far; once the page is full,
-// the next shards stop walking at the page's largest id. The values are
-// the stored ones: the caller copies them.
-func collect[V any](ctx context.Context, s *Store, op, afterID string, limit int, byID func(*shard) *index[V], match func(V) bool) ([]V, error) {
+// collect gathers, across all shards and in the order of their indexes,
+// the first limit values with keys above after (from the first key when
+// fromStart) while inRange holds; inRange must hold for a prefix of every
+// index. It visits one shard at a time and merges that shard's run into
+// the page so far; once the page is full, the next shards stop walking at
+// the page's last key. The values are the stored ones: the caller copies
+// them.
+func collect[K, V any](ctx context.Context, s *Store, op string, after K, fromStart bool, limit int,
+	byKey func(*shard) *index[K, V], inRange func(K) bool) ([]V, error) {
 	if limit <= 0 {
 		limit = DefaultLimit
 	}
-	var page, run, merged []hit[V]
+	var page, run, merged []hit[K, V]
 	for i := range s.shards {
 		if err := ctx.Err(); err != nil {
 			return nil, fmt.Errorf("memory store: %s: %w", op, err)
 		}
 		full := len(page) == limit
-		var bound string
+		var bound K
 		if full {
-			bound = page[limit-1].id
+			bound = page[limit-1].key
 		}
 		run = run[:0]
 		sh := &s.shards[i]
@@ -416,19 +472,23 @@ func collect[V any](ctx context.Context, s *Store, op, afterID string, limit int
 			sh.mu.Unlock()
 			return nil, closedError(op)
 		}
-		for n := byID(sh).after(afterID); n != nil && len(run) < limit; n = n.next[0] {
-			if full && n.key >= bound {
+		x := byKey(sh)
+		n := x.first()
+		if !fromStart {
+			n = x.after(after)
+		}
+		for ; n != nil && len(run) < limit && inRange(n.key); n = n.next[0] {
+			if full && x.cmp(n.key, bound) >= 0 {
 				break
 			}
-			if match(n.val) {
-				run = append(run, hit[V]{n.key, n.val})
-			}
+			run = append(run, hit[K, V]{n.key, n.val})
 		}
+		cmp := x.cmp
 		sh.mu.Unlock()
 		if len(run) == 0 {
 			continue
 		}
-		merged = mergeLimit(merged[:0], page, run, limit)
+		merged = mergeLimit(merged[:0], page, run, limit, cmp)
 		page, merged = merged, page
 	}
 	out := make([]V, len(page))
@@ -439,9 +499,9 @@ func collect[V any](ctx context.Context, s *Store, op, afterID string, limit int
 }
 
 // mergeLimit appends to dst the first limit hits of the sorted runs a and b.
-func mergeLimit[V any](dst, a, b []hit[V], limit int) []hit[V] {
+func mergeLimit[K, V any](dst, a, b []hit[K, V], limit int, cmp func(a, b K) int) []hit[K, V] {
 	for len(dst) < limit && (len(a) > 0 || len(b) > 0) {
-		if len(b) == 0 || (len(a) > 0 && a[0].id < b[0].id) {
+		if len(b) == 0 || (len(a) > 0 && cmp(a[0].key, b[0].key) < 0) {
 			dst, a = append(dst, a[0]), a[1:]
 		} else {
 			dst, b = append(dst, b[0]), b[1:]

@@ -3,6 +3,7 @@ package memory_test
 import (
 	"context"
 	"errors"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -292,26 +293,28 @@ func TestDueLarge(t *testing.T) {
 	s := memory.New(0)
 	defer s.Close()
 	ctx := t.Context()
-	now := time.Now()
+	now := time.Now().Truncate(time.Millisecond)
 	want := map[string]bool{}
 	for i := range 20000 {
-		m := storagetest.NewMessage("trade", "pay-succ", true)
+		m := storagetest.NewMessage("trade", "pay-succ", i%7 != 0)
 		if i%3 == 0 {
 			m.Header.MessageId = ptr(storagetest.RandomID())
 		}
-		m.NextDeliverTime = now
+		// Due ones spread over 50 ms, so that many share a time.
+		m.NextDeliverTime = now.Add(-time.Duration(i%50) * time.Millisecond)
 		if i%4 != 0 {
 			m.NextDeliverTime = now.Add(time.Hour)
-		} else {
+		} else if m.Committed {
 			want[m.ID()] = true
 		}
 		if err := save(t, s, m); err != nil {
 			t.Fatal(err)
 		}
 	}
-	seen, after := 0, ""
+	seen := 0
+	var after storage.Cursor
 	for {
-		page, err := s.Due(ctx, storage.DueQuery{Kind: storage.DueDelivery, Before: now, AfterID: after, Limit: 37})
+		page, err := s.Due(ctx, storage.DueQuery{Kind: storage.DueDelivery, Before: now, After: after, Limit: 37})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -322,15 +325,80 @@ func TestDueLarge(t *testing.T) {
 			t.Fatalf("page of %d, limit 37", len(page))
 		}
 		for _, m := range page {
-			if m.ID() <= after || !want[m.ID()] {
-				t.Fatalf("Due returned %s after %s (due: %v)", m.ID(), after, want[m.ID()])
+			if (seen > 0 && m.Cursor().Compare(after) <= 0) || !want[m.ID()] {
+				t.Fatalf("Due returned %s at %v after %v (due: %v)", m.ID(), m.NextDeliverTime, after, want[m.ID()])
 			}
-			after = m.ID()
+			after = m.Cursor()
 			seen++
 		}
 	}
 	if seen != len(want) {
 		t.Fatalf("paged through %d due messages, want %d", seen, len(want))
+	}
+}
+
+// TestMillisecond checks that every write keeps NextDeliverTime to the
+// millisecond, so that what Due orders by is what it returns.
+func TestMillisecond(t *testing.T) {
+	s := memory.New(10)
+	defer s.Close()
+	ctx := t.Context()
+	fine := time.Date(2030, 1, 2, 3, 4, 5, 6_789_012, time.UTC)
+	want := time.Date(2030, 1, 2, 3, 4, 5, 6_000_000, time.UTC)
+	s.Now = func() time.Time { return fine.Add(time.Second) }
+	check := func(what, id string, want time.Time) {
+		t.Helper()
+		got, err := s.Get(ctx, id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !got.NextDeliverTime.Equal(want) {
+			t.Fatalf("%s: NextDeliverTime %v, want %v", what, got.NextDeliverTime, want)
+		}
+	}
+
+	m := storagetest.NewMessage("trade", "pay-succ", false)
+	m.NextDeliverTime = fine
+	if err := save(t, s, m); err != nil {
+		t.Fatal(err)
+	}
+	if !m.NextDeliverTime.Equal(fine) {
+		t.Fatal("Save changed the caller's message")
+	}
+	check("Save", m.ID(), want)
+	if err := s.RecordDelivery(ctx, storage.DeliveryResult{MessageID: m.ID(), DeliverCount: 1, NextDeliverTime: fine.Add(time.Minute)}); err != nil {
+		t.Fatal(err)
+	}
+	check("RecordDelivery", m.ID(), want.Add(time.Minute))
+	if err := s.Commit(ctx, m.ID()); err != nil {
+		t.Fatal(err)
+	}
+	check("Commit", m.ID(), want.Add(time.Second))
+
+	// Due at the stored time, not at the one given.
+	page, err := s.Due(ctx, storage.DueQuery{Kind: storage.DueDelivery, Before: want.Add(time.Second)})
+	if err != nil || len(page) != 1 || !page[0].NextDeliverTime.Equal(want.Add(time.Second)) {
+		t.Fatalf("Due at the stored commit time: %v, %v", page, err)
+	}
+	page, err = s.Due(ctx, storage.DueQuery{Kind: storage.DueDelivery, Before: want.Add(time.Second), After: page[0].Cursor()})
+	if err != nil || len(page) != 0 {
+		t.Fatalf("Due after the message's own cursor: %d messages, %v", len(page), err)
+	}
+}
+
+// TestDueBeforeYearOne checks that the zero cursor starts before every
+// time, even those before the zero time.Time.
+func TestDueBeforeYearOne(t *testing.T) {
+	s := memory.New(10)
+	defer s.Close()
+	m := storagetest.NewMessage("trade", "pay-succ", true)
+	m.NextDeliverTime = time.Time{}.Add(-time.Hour)
+	if err := save(t, s, m); err != nil {
+		t.Fatal(err)
+	}
+	page, err := s.Due(t.Context(), storage.DueQuery{Kind: storage.DueDelivery, Before: time.Now()})
+	if err != nil || len(page) != 1 {
+		t.Fatalf("Due: %d messages, %v; want 1", len(page), err)
 	}
 }
 
@@ -430,27 +498,56 @@ func BenchmarkDuePage(b *testing.B) {
 	s := memory.New(0)
 	defer s.Close()
 	ctx := b.Context()
-	now := time.Now()
+	now := time.Now().Truncate(time.Millisecond)
 	m := benchMessage(b)
-	var ids []string
+	var due []storage.Cursor
 	for i := range 100_000 {
 		id := protocol.MessageId()
 		m.Header.MessageId = &id
 		m.NextDeliverTime = now.Add(time.Hour)
 		if i%10 == 0 {
-			m.NextDeliverTime = now
-			ids = append(ids, id)
+			m.NextDeliverTime = now.Add(-time.Duration(i%1000) * time.Millisecond)
+			due = append(due, m.Cursor())
 		}
+		if _, err := s.Save(ctx, m); err != nil {
+			b.Fatal(err)
+		}
+	}
+	slices.SortFunc(due, storage.Cursor.Compare)
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := 0; b.Loop(); i++ {
+		after := due[(i*100)%(len(due)-100)]
+		page, err := s.Due(ctx, storage.DueQuery{Kind: storage.DueDelivery, Before: now, After: after, Limit: 100})
+		if err != nil || len(page) != 100 {
+			b.Fatalf("Due: %d messages, %v", len(page), err)
+		}
+	}
+}
+
+// BenchmarkDuePollNothingDue polls a store of 1,000,000 pending messages,
+// none due yet (retries scheduled minutes ahead): the delivery loop's
+// query when it has nothing to do, which must not scan the backlog.
+func BenchmarkDuePollNothingDue(b *testing.B) {
+	s := memory.New(0)
+	defer s.Close()
+	ctx := b.Context()
+	now := time.Now()
+	m := benchMessage(b)
+	for i := range 1_000_000 {
+		id := protocol.MessageId()
+		m.Header.MessageId = &id
+		m.Committed = i%10 != 0 // some transaction checks pending too
+		m.NextDeliverTime = now.Add(time.Minute + time.Duration(i%600_000)*time.Millisecond)
 		if _, err := s.Save(ctx, m); err != nil {
 			b.Fatal(err)
 		}
 	}
 	b.ReportAllocs()
 	b.ResetTimer()
-	for i := 0; b.Loop(); i++ {
-		after := ids[(i*100)%(len(ids)-100)]
-		page, err := s.Due(ctx, storage.DueQuery{Kind: storage.DueDelivery, Before: now, AfterID: after, Limit: 100})
-		if err != nil || len(page) != 100 {
+	for b.Loop() {
+		page, err := s.Due(ctx, storage.DueQuery{Kind: storage.DueDelivery, Before: now, Limit: 100})
+		if err != nil || len(page) != 0 {
 			b.Fatalf("Due: %d messages, %v", len(page), err)
 		}
 	}

@@ -12,9 +12,10 @@
 //		})
 //	}
 //
-// Times the suite stores are whole seconds, and times it expects a backend
-// to set ("now") are checked to within a second, so that backends that
-// keep seconds pass.
+// The contract lets a backend keep NextDeliverTime to the millisecond:
+// times the suite stores are whole milliseconds, except where it checks
+// that finer times round-trip through a Cursor, and times it expects a
+// backend to set ("now") are checked to within a second.
 package storagetest
 
 import (
@@ -56,9 +57,13 @@ func Run(t *testing.T, open func(t *testing.T) storage.Store) {
 		{"RecordDeliveryMissing", testRecordDeliveryMissing},
 		{"Delete", testDelete},
 		{"DueKind", testDueKind},
-		{"DueTime", testDueTime},
+		{"DueBefore", testDueBefore},
+		{"DueOrder", testDueOrder},
 		{"DuePaging", testDuePaging},
 		{"DuePagingWhileDeleting", testDuePagingWhileDeleting},
+		{"DuePagingWhileRescheduling", testDuePagingWhileRescheduling},
+		{"DueCommit", testDueCommit},
+		{"DueCursorRoundTrip", testDueCursorRoundTrip},
 		{"DueDefaultLimit", testDueDefaultLimit},
 		{"DueReturnsCopies", testDueReturnsCopies},
 		{"DeadLetter", testDeadLetter},
@@ -87,6 +92,9 @@ func Run(t *testing.T, open func(t *testing.T) storage.Store) {
 
 // second is the precision the suite grants a backend for times it sets.
 const second = time.Second
+
+// milli is the precision of NextDeliverTime the contract requires.
+const milli = time.Millisecond
 
 func now() time.Time { return time.Now().Truncate(second) }
 
@@ -165,31 +173,86 @@ func wantIDs(t *testing.T, what string, got []string, want ...string) {
 	}
 }
 
+// dueOrder returns ms sorted in the due order, by the NextDeliverTime
+// each holds, then by id.
+func dueOrder(ms []*storage.Message) []*storage.Message {
+	out := slices.Clone(ms)
+	slices.SortFunc(out, func(a, b *storage.Message) int { return a.Cursor().Compare(b.Cursor()) })
+	return out
+}
+
+func cursors(ms []*storage.Message) []string {
+	out := make([]string, len(ms))
+	for i, m := range ms {
+		out[i] = fmt.Sprintf("%s@%s", m.ID(), m.NextDeliverTime.UTC().Format("15:04:05.000000000"))
+	}
+	return out
+}
+
+// wantDue checks that got holds exactly the messages want, in the due
+// order of the times the test gave them, and with those times.
+func wantDue(t *testing.T, what string, got []*storage.Message, want ...*storage.Message) {
+	t.Helper()
+	want = dueOrder(want)
+	ok := len(got) == len(want)
+	for i := 0; ok && i < len(got); i++ {
+		ok = got[i].ID() == want[i].ID() && got[i].NextDeliverTime.Equal(want[i].NextDeliverTime)
+	}
+	if !ok {
+		t.Fatalf("%s: got (id@time)\n%q\nwant\n%q", what, cursors(got), cursors(want))
+	}
+}
+
+// wantDueSet checks that got is in the due order of its own times and
+// holds exactly the ids of want, each once.
+func wantDueSet(t *testing.T, what string, got []*storage.Message, want ...string) {
+	t.Helper()
+	for i := 1; i < len(got); i++ {
+		if got[i-1].Cursor().Compare(got[i].Cursor()) >= 0 {
+			t.Fatalf("%s: out of due order at %d: %q", what, i, cursors(got))
+		}
+	}
+	g := slices.Sorted(slices.Values(ids(got)))
+	wantIDs(t, what, g, want...)
+}
+
 // allDue pages through Due with the given limit until a page comes back
-// empty, checking every page's size and order, and returns all the pages.
+// empty, checking every page's size, order and contents, and returns all
+// the pages.
 func allDue(t *testing.T, s storage.Store, kind storage.DueKind, before time.Time, limit int) []*storage.Message {
 	t.Helper()
 	var all []*storage.Message
-	after := ""
+	var after storage.Cursor
+	seen := map[string]bool{}
 	for pages := 0; ; pages++ {
 		if pages > 10000 {
-			t.Fatalf("Due: paging does not end (after %q)", after)
+			t.Fatalf("Due: paging does not end (after %v)", after)
 		}
-		page, err := s.Due(t.Context(), storage.DueQuery{Kind: kind, Before: before, AfterID: after, Limit: limit})
+		page, err := s.Due(t.Context(), storage.DueQuery{Kind: kind, Before: before, After: after, Limit: limit})
 		if err != nil {
-			t.Fatalf("Due after %q: %v", after, err)
+			t.Fatalf("Due after %v: %v", after, err)
 		}
 		if len(page) == 0 {
 			return all
 		}
 		if limit > 0 && len(page) > limit {
-			t.Fatalf("Due after %q: %d messages, limit %d", after, len(page), limit)
+			t.Fatalf("Due after %v: %d messages, limit %d", after, len(page), limit)
 		}
 		for _, m := range page {
-			if m.ID() <= after {
-				t.Fatalf("Due after %q: got %s, not above the previous id", after, m.ID())
+			if len(seen) > 0 && m.Cursor().Compare(after) <= 0 {
+				t.Fatalf("Due after %v: got %s at %v, not after the cursor", after, m.ID(), m.NextDeliverTime)
 			}
-			after = m.ID()
+			if m.NextDeliverTime.After(before) {
+				t.Fatalf("Due before %v: got %s at %v, not due", before, m.ID(), m.NextDeliverTime)
+			}
+			if m.Committed != (kind == storage.DueDelivery) {
+				t.Fatalf("Due(kind %d): got %s with Committed = %v", kind, m.ID(), m.Committed)
+			}
+			if seen[m.ID()] {
+				t.Fatalf("Due after %v: %s again", after, m.ID())
+			}
+			seen[m.ID()] = true
+			after = m.Cursor()
 		}
 		all = append(all, page...)
 	}
@@ -509,157 +572,381 @@ func testDelete(t *testing.T, s storage.Store) {
 	wantSame(t, "the other message after Delete", get(t, s, keep.ID()), keep)
 }
 
+// at returns a message due at tm, committed or not, with a random id.
+func at(tm time.Time, committed bool) *storage.Message {
+	m := withID(NewMessage("trade", "pay-succ", committed), RandomID())
+	m.NextDeliverTime = tm
+	return m
+}
+
 func testDueKind(t *testing.T, s storage.Store) {
-	var committed, uncommitted []string
-	for i := range 6 {
-		m := NewMessage("trade", "pay-succ", i%2 == 0)
+	t0 := now()
+	var committed, uncommitted []*storage.Message
+	for i := range 12 {
+		// Both kinds share times, so that only the kind tells them apart.
+		m := at(t0.Add(-time.Duration(i/4)*second), i%2 == 0)
 		if i%3 == 0 {
-			withID(m, RandomID())
+			withID(m, protocol.MessageId())
 		}
 		save(t, s, m)
 		if m.Committed {
-			committed = append(committed, m.ID())
+			committed = append(committed, m)
 		} else {
-			uncommitted = append(uncommitted, m.ID())
+			uncommitted = append(uncommitted, m)
 		}
 	}
-	before := now().Add(second)
-	wantIDs(t, "Due(DueDelivery)", ids(due(t, s, storage.DueQuery{Kind: storage.DueDelivery, Before: before})), committed...)
-	wantIDs(t, "Due(DueTxCheck)", ids(due(t, s, storage.DueQuery{Kind: storage.DueTxCheck, Before: before})), uncommitted...)
+	before := t0.Add(second)
+	wantDue(t, "Due(DueDelivery)", due(t, s, storage.DueQuery{Kind: storage.DueDelivery, Before: before}), committed...)
+	wantDue(t, "Due(DueTxCheck)", due(t, s, storage.DueQuery{Kind: storage.DueTxCheck, Before: before}), uncommitted...)
+	for _, limit := range []int{1, 4} {
+		wantDue(t, fmt.Sprintf("Due(DueDelivery) in pages of %d", limit), allDue(t, s, storage.DueDelivery, before, limit), committed...)
+		wantDue(t, fmt.Sprintf("Due(DueTxCheck) in pages of %d", limit), allDue(t, s, storage.DueTxCheck, before, limit), uncommitted...)
+	}
+	// A cursor taken in one kind pages the other from that position.
+	mid := dueOrder(committed)[2].Cursor()
+	var rest []*storage.Message
+	for _, m := range uncommitted {
+		if m.Cursor().Compare(mid) > 0 {
+			rest = append(rest, m)
+		}
+	}
+	wantDue(t, "Due(DueTxCheck) after a DueDelivery cursor",
+		due(t, s, storage.DueQuery{Kind: storage.DueTxCheck, Before: before, After: mid}), rest...)
 }
 
-func testDueTime(t *testing.T, s storage.Store) {
+// testDueBefore checks that Before filters to the millisecond: a message
+// due at Before is due, one a millisecond later is not.
+func testDueBefore(t *testing.T, s storage.Store) {
 	t0 := now()
-	at := func(d time.Duration, committed bool) string {
-		m := NewMessage("trade", "pay-succ", committed)
-		m.NextDeliverTime = t0.Add(d)
-		save(t, s, m)
-		return m.ID()
-	}
 	for _, committed := range []bool{true, false} {
 		kind := storage.DueDelivery
 		if !committed {
 			kind = storage.DueTxCheck
 		}
-		past, present, future := at(-10*time.Second, committed), at(0, committed), at(10*time.Second, committed)
-		query := func(before time.Time) []string {
-			return ids(due(t, s, storage.DueQuery{Kind: kind, Before: before}))
+		past := at(t0.Add(-10*second), committed)
+		justBefore := at(t0.Add(-milli), committed)
+		present := at(t0, committed)
+		justAfter := at(t0.Add(milli), committed)
+		future := at(t0.Add(10*second), committed)
+		for _, m := range []*storage.Message{present, future, past, justAfter, justBefore} {
+			save(t, s, m)
+		}
+		query := func(before time.Time) []*storage.Message {
+			return due(t, s, storage.DueQuery{Kind: kind, Before: before})
 		}
 		what := fmt.Sprintf("Due(kind %d)", kind)
-		wantIDs(t, what+" before every message", query(t0.Add(-11*time.Second)))
-		wantIDs(t, what+" at the first message's time", query(t0.Add(-10*time.Second)), past)
-		wantIDs(t, what+" at t0 (inclusive)", query(t0), past, present)
-		wantIDs(t, what+" just before the last", query(t0.Add(9*time.Second)), past, present)
-		wantIDs(t, what+" after every message", query(t0.Add(time.Hour)), past, present, future)
+		wantDue(t, what+" before every message", query(t0.Add(-10*second-milli)))
+		wantDue(t, what+" at the first message's time", query(t0.Add(-10*second)), past)
+		wantDue(t, what+" a millisecond before t0", query(t0.Add(-milli)), past, justBefore)
+		wantDue(t, what+" at t0 (inclusive)", query(t0), past, justBefore, present)
+		wantDue(t, what+" less than a millisecond after t0", query(t0.Add(milli-time.Nanosecond)), past, justBefore, present)
+		wantDue(t, what+" a millisecond after t0", query(t0.Add(milli)), past, justBefore, present, justAfter)
+		wantDue(t, what+" just before the last", query(t0.Add(10*second-milli)), past, justBefore, present, justAfter)
+		wantDue(t, what+" at the last", query(t0.Add(10*second)), past, justBefore, present, justAfter, future)
+		wantDue(t, what+" at the zero time", query(time.Time{}))
 	}
+}
+
+// testDueOrder checks the due order: by time, then by id, with several
+// messages at each time and ids that run against the times.
+func testDueOrder(t *testing.T, s storage.Store) {
+	t0 := now()
+	times := []time.Time{t0.Add(-2 * second), t0.Add(-second + 5*milli), t0.Add(-second + 6*milli), t0}
+	idList := make([]string, 4*len(times))
+	for i := range idList {
+		idList[i] = RandomID()
+	}
+	slices.Sort(idList)
+	slices.Reverse(idList) // the earliest time gets the largest ids
+	var all []*storage.Message
+	for i, id := range idList {
+		m := withID(NewMessage("trade", "pay-succ", true), id)
+		m.NextDeliverTime = times[i/4]
+		if i == 5 {
+			// The same instant in another location is the same time.
+			m.NextDeliverTime = m.NextDeliverTime.In(time.FixedZone("UTC+3", 3*3600))
+		}
+		all = append(all, m)
+	}
+	for i := range all { // save in neither the time nor the id order
+		save(t, s, all[(i*7)%len(all)])
+	}
+	before := t0.Add(second)
+	want := dueOrder(all)
+	for i := 1; i < len(want); i++ {
+		if want[i-1].NextDeliverTime.Equal(want[i].NextDeliverTime) && want[i-1].ID() >= want[i].ID() ||
+			want[i-1].NextDeliverTime.After(want[i].NextDeliverTime) {
+			t.Fatalf("dueOrder is wrong at %d: %q", i, cursors(want))
+		}
+	}
+	wantDue(t, "Due", due(t, s, storage.DueQuery{Kind: storage.DueDelivery, Before: before}), all...)
+	wantDue(t, "Due in pages of 3", allDue(t, s, storage.DueDelivery, before, 3), all...)
+	// The first page is the earliest messages, not the smallest ids.
+	wantDue(t, "first page of 5", due(t, s, storage.DueQuery{Kind: storage.DueDelivery, Before: before, Limit: 5}), want[:5]...)
 }
 
 func testDuePaging(t *testing.T, s storage.Store) {
 	t0 := now()
-	var want []string
-	var all []*storage.Message
+	times := []time.Time{t0.Add(-2 * second), t0.Add(-second), t0.Add(-second + milli), t0}
+	var want, all []*storage.Message
 	for i := range 40 {
 		var m *storage.Message
 		switch i % 4 {
-		case 0, 1: // due for delivery
+		case 0, 1: // due for delivery, several at each time
 			m = NewMessage("trade", "pay-succ", true)
-			m.NextDeliverTime = t0
-			want = append(want, m.ID())
+			m.NextDeliverTime = times[i%len(times)]
+			want = append(want, m)
 		case 2: // not due yet
 			m = NewMessage("trade", "pay-succ", true)
 			m.NextDeliverTime = t0.Add(time.Hour)
 		case 3: // not committed
 			m = NewMessage("trade", "pay-succ", false)
+			m.NextDeliverTime = times[i%len(times)]
 		}
 		if i%5 == 0 { // ids out of order, as v1 clients make them
-			id := RandomID()
-			if i%4 < 2 {
-				want[len(want)-1] = id
-			}
-			withID(m, id)
+			withID(m, RandomID())
 		}
 		all = append(all, m)
 	}
-	// Save in an order that is not the id order.
+	// Save in an order that is neither the id nor the time order.
 	for i := range all {
 		save(t, s, all[(i*7)%len(all)])
 	}
-	slices.Sort(want)
+	want = dueOrder(want)
 	before := t0.Add(second)
 	for _, limit := range []int{1, 3, 7, len(want), len(want) + 1, 100} {
-		got := allDue(t, s, storage.DueDelivery, before, limit)
-		wantIDs(t, fmt.Sprintf("pages of %d", limit), ids(got), want...)
+		wantDue(t, fmt.Sprintf("pages of %d", limit), allDue(t, s, storage.DueDelivery, before, limit), want...)
+	}
+	query := func(after storage.Cursor, limit int) []*storage.Message {
+		return due(t, s, storage.DueQuery{Kind: storage.DueDelivery, Before: before, After: after, Limit: limit})
 	}
 	// Page sizes: full pages, then the rest.
-	page := due(t, s, storage.DueQuery{Kind: storage.DueDelivery, Before: before, Limit: 7})
-	wantIDs(t, "first page of 7", ids(page), want[:7]...)
-	page = due(t, s, storage.DueQuery{Kind: storage.DueDelivery, Before: before, AfterID: want[6], Limit: 7})
-	wantIDs(t, "second page of 7", ids(page), want[7:14]...)
-	page = due(t, s, storage.DueQuery{Kind: storage.DueDelivery, Before: before, AfterID: want[13], Limit: 100})
-	wantIDs(t, "the rest", ids(page), want[14:]...)
-	// AfterID need not be a stored id.
-	after := want[9][:31] + "0"
-	if after >= want[9] {
-		after = want[8]
-	}
-	page = due(t, s, storage.DueQuery{Kind: storage.DueDelivery, Before: before, AfterID: after, Limit: 100})
-	var rest []string
-	for _, id := range want {
-		if id > after {
-			rest = append(rest, id)
+	wantDue(t, "first page of 7", query(storage.Cursor{}, 7), want[:7]...)
+	wantDue(t, "second page of 7", query(want[6].Cursor(), 7), want[7:14]...)
+	wantDue(t, "the rest", query(want[13].Cursor(), 100), want[14:]...)
+	wantDue(t, "after the last", query(want[len(want)-1].Cursor(), 100))
+
+	// After need not be the position of a stored message.
+	after := func(c storage.Cursor) []*storage.Message {
+		var out []*storage.Message
+		for _, m := range want {
+			if m.Cursor().Compare(c) > 0 {
+				out = append(out, m)
+			}
 		}
+		return out
 	}
-	wantIDs(t, "after an id that is not stored", ids(page), rest...)
-	page = due(t, s, storage.DueQuery{Kind: storage.DueDelivery, Before: before, AfterID: want[len(want)-1], Limit: 100})
-	wantIDs(t, "after the last id", ids(page))
+	for what, c := range map[string]storage.Cursor{
+		"a time between two times":           {Time: times[1].Add(milli / 2)},
+		"a time before every message":        {Time: t0.Add(-time.Hour), ID: "ffffffffffffffffffffffffffffffff"},
+		"a stored time and an empty id":      {Time: times[2]},
+		"a stored time and an id above all":  {Time: times[2], ID: "g"},
+		"a stored time and an id not stored": {Time: want[9].NextDeliverTime, ID: want[9].ID()[:31] + "0"},
+		"a stored time in another location":  {Time: want[9].NextDeliverTime.In(time.FixedZone("UTC-7", -7*3600)), ID: want[9].ID()},
+		"a time after every due message":     {Time: t0.Add(milli)},
+		"a time after Before":                {Time: before.Add(time.Hour)},
+		"the last position with a larger id": {Time: want[len(want)-1].NextDeliverTime, ID: want[len(want)-1].ID() + "0"},
+	} {
+		wantDue(t, "after "+what, query(c, 100), after(c)...)
+	}
 }
 
 // The broker deletes what it delivered while it pages.
 func testDuePagingWhileDeleting(t *testing.T, s storage.Store) {
-	var want []string
+	t0 := now()
+	var want []*storage.Message
 	for i := range 20 {
 		m := NewMessage("trade", "pay-succ", true)
+		m.NextDeliverTime = t0.Add(-time.Duration(i%3) * second)
 		if i%2 == 0 {
 			withID(m, RandomID())
 		}
 		save(t, s, m)
-		want = append(want, m.ID())
+		want = append(want, m)
 	}
-	slices.Sort(want)
-	before := now().Add(second)
-	var got []string
-	after := ""
+	before := t0.Add(second)
+	var got []*storage.Message
+	var after storage.Cursor
 	for {
-		page := due(t, s, storage.DueQuery{Kind: storage.DueDelivery, Before: before, AfterID: after, Limit: 6})
+		page := due(t, s, storage.DueQuery{Kind: storage.DueDelivery, Before: before, After: after, Limit: 6})
 		if len(page) == 0 {
 			break
 		}
 		for _, m := range page {
-			got = append(got, m.ID())
+			got = append(got, m)
 			wantErr(t, "Delete", s.Delete(t.Context(), m.ID()), nil)
 		}
-		after = page[len(page)-1].ID()
+		after = page[len(page)-1].Cursor()
 	}
-	wantIDs(t, "pages while deleting", got, want...)
-	wantIDs(t, "Due after deleting everything", ids(due(t, s, storage.DueQuery{Kind: storage.DueDelivery, Before: before})))
+	wantDue(t, "pages while deleting", got, want...)
+	wantDue(t, "Due after deleting everything", due(t, s, storage.DueQuery{Kind: storage.DueDelivery, Before: before}))
+}
+
+// The broker reschedules what it delivered (a retry, later than Before)
+// while it pages: no message comes twice, and a message rescheduled past
+// Before before its page came is not returned at all.
+func testDuePagingWhileRescheduling(t *testing.T, s storage.Store) {
+	t0 := now()
+	var all []*storage.Message
+	for i := range 24 {
+		m := at(t0.Add(-time.Duration(i%4)*second), true)
+		save(t, s, m)
+		all = append(all, m)
+	}
+	before := t0
+	retry := before.Add(time.Minute)
+	order := dueOrder(all)
+	late := order[len(order)-3] // rescheduled before its page comes
+	var want []*storage.Message
+	for _, m := range order {
+		if m.ID() != late.ID() {
+			want = append(want, m)
+		}
+	}
+	reschedule := func(m *storage.Message, count int32) {
+		t.Helper()
+		wantErr(t, "RecordDelivery", s.RecordDelivery(t.Context(), storage.DeliveryResult{
+			MessageID: m.ID(), DeliverCount: count, NextDeliverTime: retry, FailGroups: []string{"s-a"},
+		}), nil)
+	}
+	var got []*storage.Message
+	var after storage.Cursor
+	for pages := 0; ; pages++ {
+		if pages > len(all) {
+			t.Fatal("paging does not end")
+		}
+		page := due(t, s, storage.DueQuery{Kind: storage.DueDelivery, Before: before, After: after, Limit: 5})
+		if len(page) == 0 {
+			break
+		}
+		if pages == 0 {
+			reschedule(late, 1)
+		}
+		for _, m := range page {
+			got = append(got, m)
+			reschedule(m, 1)
+		}
+		after = page[len(page)-1].Cursor()
+	}
+	wantDue(t, "pages while rescheduling", got, want...)
+	wantDue(t, "Due after rescheduling everything", due(t, s, storage.DueQuery{Kind: storage.DueDelivery, Before: before}))
+	// At the retry time they are all due again, in id order.
+	again := make([]*storage.Message, len(all))
+	for i, m := range all {
+		again[i] = m.Clone()
+		again[i].NextDeliverTime = retry
+	}
+	wantDue(t, "Due at the retry time", allDue(t, s, storage.DueDelivery, retry, 7), again...)
+}
+
+// testDueCommit checks that Commit moves an uncommitted message from the
+// transaction checks to the deliveries, positioned at the time of the
+// commit.
+func testDueCommit(t *testing.T, s storage.Store) {
+	t0 := now()
+	early, late := at(t0.Add(-10*second), true), at(t0.Add(10*second), true)
+	tx := at(t0.Add(-20*second), false) // its check is overdue
+	later := at(t0.Add(time.Hour), false)
+	for _, m := range []*storage.Message{early, late, tx, later} {
+		save(t, s, m)
+	}
+	horizon := t0.Add(2 * time.Hour)
+	wantDue(t, "Due(DueDelivery) before Commit", due(t, s, storage.DueQuery{Kind: storage.DueDelivery, Before: horizon}), early, late)
+	wantDue(t, "Due(DueTxCheck) before Commit", due(t, s, storage.DueQuery{Kind: storage.DueTxCheck, Before: horizon}), tx, later)
+
+	from := time.Now()
+	wantErr(t, "Commit", s.Commit(t.Context(), tx.ID()), nil)
+	wantErr(t, "Commit", s.Commit(t.Context(), later.ID()), nil)
+	to := time.Now()
+	txc, laterc := get(t, s, tx.ID()), get(t, s, later.ID())
+	for _, m := range []*storage.Message{txc, laterc} {
+		if !m.Committed || !within(m.NextDeliverTime, from, to) {
+			t.Fatalf("Get %s after Commit: Committed %v, NextDeliverTime %v; want true, the time of the commit (%v)",
+				m.ID(), m.Committed, m.NextDeliverTime, from)
+		}
+	}
+	wantDue(t, "Due(DueTxCheck) after Commit", due(t, s, storage.DueQuery{Kind: storage.DueTxCheck, Before: horizon}))
+	wantDue(t, "Due(DueDelivery) after Commit", due(t, s, storage.DueQuery{Kind: storage.DueDelivery, Before: horizon}),
+		early, txc, laterc, late)
+	wantDue(t, "Due(DueDelivery) in pages of 1 after Commit", allDue(t, s, storage.DueDelivery, horizon, 1),
+		early, txc, laterc, late)
+	// At the commit time, not at the check time nor at the time it was saved.
+	first := dueOrder([]*storage.Message{txc, laterc})[0]
+	atFirst := []*storage.Message{early, first}
+	if next := dueOrder([]*storage.Message{txc, laterc})[1]; next.NextDeliverTime.Equal(first.NextDeliverTime) {
+		atFirst = append(atFirst, next) // both commits in one millisecond
+	}
+	wantDue(t, "Due(DueDelivery) at the commit time", due(t, s, storage.DueQuery{Kind: storage.DueDelivery, Before: first.NextDeliverTime}),
+		atFirst...)
+	wantDue(t, "Due(DueDelivery) just before the commit time", due(t, s, storage.DueQuery{Kind: storage.DueDelivery, Before: first.NextDeliverTime.Add(-milli)}),
+		early)
+	wantDue(t, "Due(DueDelivery) after the committed message", due(t, s, storage.DueQuery{Kind: storage.DueDelivery, Before: horizon, After: first.Cursor()}),
+		dueOrder([]*storage.Message{txc, laterc})[1], late)
+	// A second Commit does not move it.
+	wantErr(t, "second Commit", s.Commit(t.Context(), tx.ID()), nil)
+	wantSame(t, "Get after second Commit", get(t, s, tx.ID()), txc)
+}
+
+// testDueCursorRoundTrip saves times finer than a millisecond, which a
+// backend may truncate: the cursor of what Due returns pages exactly.
+func testDueCursorRoundTrip(t *testing.T, s storage.Store) {
+	t0 := now()
+	fine := t0.Add(-second + 1234567*time.Nanosecond)
+	a, b := at(fine, true), at(fine, true)
+	save(t, s, a)
+	save(t, s, b)
+	check := func(what string, tm time.Time) {
+		t.Helper()
+		page := due(t, s, storage.DueQuery{Kind: storage.DueDelivery, Before: t0})
+		if len(page) != 2 {
+			t.Fatalf("%s: Due: got %q, want 2 messages", what, cursors(page))
+		}
+		for _, m := range page {
+			stored := m.NextDeliverTime
+			if stored.Before(tm.Truncate(milli)) || stored.After(tm) {
+				t.Fatalf("%s: %s due at %v, want %v to the millisecond", what, m.ID(), stored, tm)
+			}
+			if g := get(t, s, m.ID()); !g.NextDeliverTime.Equal(stored) {
+				t.Fatalf("%s: Get %s: NextDeliverTime %v, Due said %v", what, m.ID(), g.NextDeliverTime, stored)
+			}
+		}
+		if !page[0].NextDeliverTime.Equal(page[1].NextDeliverTime) {
+			t.Fatalf("%s: the same time stored as %v and %v", what, page[0].NextDeliverTime, page[1].NextDeliverTime)
+		}
+		wantDue(t, what+": Due", page, page...)
+		wantDue(t, what+": pages of 1", allDue(t, s, storage.DueDelivery, t0, 1), page...)
+		wantDue(t, what+": after the first", due(t, s, storage.DueQuery{Kind: storage.DueDelivery, Before: t0, After: page[0].Cursor()}), page[1])
+		wantDue(t, what+": after the second", due(t, s, storage.DueQuery{Kind: storage.DueDelivery, Before: t0, After: page[1].Cursor()}))
+		wantDue(t, what+": at the time given", due(t, s, storage.DueQuery{Kind: storage.DueDelivery, Before: tm}), page...)
+		wantDue(t, what+": before its millisecond", due(t, s, storage.DueQuery{Kind: storage.DueDelivery, Before: tm.Truncate(milli).Add(-time.Nanosecond)}))
+	}
+	check("after Save", fine)
+	fine2 := t0.Add(-second/2 + 7654321*time.Nanosecond)
+	for _, m := range []*storage.Message{a, b} {
+		wantErr(t, "RecordDelivery", s.RecordDelivery(t.Context(), storage.DeliveryResult{
+			MessageID: m.ID(), DeliverCount: 1, NextDeliverTime: fine2,
+		}), nil)
+	}
+	check("after RecordDelivery", fine2)
 }
 
 func testDueDefaultLimit(t *testing.T, s storage.Store) {
-	var want []string
+	var all []*storage.Message
 	for range 5 {
 		m := NewMessage("trade", "pay-succ", true)
 		save(t, s, m)
-		want = append(want, m.ID())
+		all = append(all, m)
 	}
+	want := dueOrder(all)
 	before := now().Add(second)
 	for _, limit := range []int{0, -1} {
-		got := ids(due(t, s, storage.DueQuery{Kind: storage.DueDelivery, Before: before, Limit: limit}))
+		got := due(t, s, storage.DueQuery{Kind: storage.DueDelivery, Before: before, Limit: limit})
 		if len(got) == 0 {
 			t.Fatalf("Due with Limit %d: got nothing, want a page of the default size", limit)
 		}
-		wantIDs(t, fmt.Sprintf("Due with Limit %d", limit), got, want[:len(got)]...)
+		wantDue(t, fmt.Sprintf("Due with Limit %d", limit), got, want[:len(got)]...)
 		// Whatever the default, paging with it finds everything.
-		wantIDs(t, fmt.Sprintf("pages with Limit %d", limit), ids(allDue(t, s, storage.DueDelivery, before, limit)), want...)
+		wantDue(t, fmt.Sprintf("pages with Limit %d", limit), allDue(t, s, storage.DueDelivery, before, limit), want...)
 	}
 }
 
@@ -947,8 +1234,8 @@ func testConcurrent(t *testing.T, s storage.Store) {
 						return
 					}
 					for k := 1; k < len(page); k++ {
-						if page[k-1].ID() >= page[k].ID() {
-							t.Errorf("worker %d: Due out of order: %s then %s", w, page[k-1].ID(), page[k].ID())
+						if page[k-1].Cursor().Compare(page[k].Cursor()) >= 0 {
+							t.Errorf("worker %d: Due out of order: %q", w, cursors(page))
 							return
 						}
 					}
@@ -994,6 +1281,6 @@ func testConcurrent(t *testing.T, s storage.Store) {
 		}
 	}
 	before := now().Add(time.Hour)
-	wantIDs(t, "Due(DueDelivery) after the storm", ids(allDue(t, s, storage.DueDelivery, before, 50)), wantDelivery...)
-	wantIDs(t, "Due(DueTxCheck) after the storm", ids(allDue(t, s, storage.DueTxCheck, before, 50)), wantTx...)
+	wantDueSet(t, "Due(DueDelivery) after the storm", allDue(t, s, storage.DueDelivery, before, 50), wantDelivery...)
+	wantDueSet(t, "Due(DueTxCheck) after the storm", allDue(t, s, storage.DueTxCheck, before, 50), wantTx...)
 }
