@@ -23,8 +23,8 @@ endif
 TESTFLAGS ?=
 export TESTFLAGS
 
-# make run: the broker in the foreground.
-DB ?= memory://
+# make run: the broker in the foreground, its data in ./data.
+DB ?= file://./data
 TOPICS ?=
 RUNFLAGS ?=
 
@@ -108,8 +108,8 @@ bench/%:
 # --- run and release -------------------------------------------------------
 
 .PHONY: run release
-run: ## run the broker: DB=memory:// TOPICS=a,b RUNFLAGS=...
-	cd broker && $(GO) run ./cmd/kiteq -bind=127.0.0.1:13800 -pport=13801 -db='$(DB)' -topics='$(TOPICS)' $(RUNFLAGS)
+run: ## run the broker: DB=file://./data TOPICS=a,b RUNFLAGS=...
+	$(GO) run ./broker/cmd/kiteq -bind=127.0.0.1:13800 -pport=13801 -db='$(DB)' -topics='$(TOPICS)' $(RUNFLAGS)
 
 release: ## tag a module release: MODULE=client-go VERSION=v0.1.0 [DRY_RUN=1]
 	@DRY_RUN='$(DRY_RUN)' scripts/release.sh '$(MODULE)' '$(VERSION)'

@@ -3,7 +3,6 @@ package broker
 import (
 	"context"
 	"fmt"
-	"net/url"
 	"os"
 	"strings"
 	"time"
@@ -16,11 +15,13 @@ import (
 	"github.com/kiteq/kiteq/registry"
 	"github.com/kiteq/kiteq/registry/registryfx"
 	"github.com/kiteq/kiteq/storage"
+	filestore "github.com/kiteq/kiteq/storage-file"
+	"github.com/kiteq/kiteq/storage-file/filefx"
 	"github.com/kiteq/kiteq/storage/memory"
 )
 
 // acceptedStores lists the -db schemes this build knows.
-const acceptedStores = "memory://[?cap=N]"
+const acceptedStores = "memory://[?cap=N], file:///path[?fsync=always|interval|never&every=10ms&segment=64MiB]"
 
 // Module runs a Server over the storage.Store and registry.Server that the
 // application provides: it listens on start and stops gracefully.
@@ -66,6 +67,8 @@ func StorageOption(db string) (fx.Option, error) {
 				return s, nil
 			}),
 		), nil
+	case "file":
+		return filefx.Module(db)
 	}
 	return nil, fmt.Errorf("-db %q: unknown store %q (accepted: %s)", db, scheme, acceptedStores)
 }
@@ -73,11 +76,11 @@ func StorageOption(db string) (fx.Option, error) {
 // dataDir is where a standalone broker keeps its bindings: beside the
 // data of a file store, nowhere for the memory store.
 func dataDir(db string) string {
-	u, err := url.Parse(db)
-	if err != nil || u.Scheme != "file" {
+	o, err := filestore.ParseURI(db)
+	if err != nil {
 		return ""
 	}
-	return u.Host + u.Path
+	return o.Dir
 }
 
 // NewLogger returns the broker's production logger at level.

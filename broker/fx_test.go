@@ -7,6 +7,8 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -16,6 +18,7 @@ import (
 	"go.uber.org/goleak"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/kiteq/kiteq/storage"
 )
@@ -49,14 +52,48 @@ func httpGet(t *testing.T, url string) string {
 }
 
 func TestAppOptionsValidate(t *testing.T) {
-	o := DefaultOptions()
-	o.Bind, o.PPort = "127.0.0.1:0", 0
-	opts, err := AppOptions(o, zap.NewNop())
-	if err != nil {
-		t.Fatal(err)
+	for _, db := range []string{"memory://", "file://" + t.TempDir()} {
+		o := DefaultOptions()
+		o.Bind, o.PPort, o.DB = "127.0.0.1:0", 0, db
+		opts, err := AppOptions(o, zap.NewNop())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := fx.ValidateApp(opts); err != nil {
+			t.Fatalf("%s: broken fx graph: %v", db, err)
+		}
 	}
-	if err := fx.ValidateApp(opts); err != nil {
-		t.Fatalf("broken fx graph: %v", err)
+}
+
+// TestAppStartStopFileStore runs the application on the file store:
+// what was published before a restart is there after it.
+func TestAppStartStopFileStore(t *testing.T) {
+	dir := t.TempDir()
+	o := DefaultOptions()
+	o.Bind, o.PPort, o.DB = "127.0.0.1:0", 0, "file://"+dir
+	m := newMessage("trade", "t", "durable")
+	m.Header.Commit = proto.Bool(false) // stays stored until decided
+	for round := range 2 {
+		opts, err := AppOptions(o, zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var s *Server
+		var store storage.Store
+		app := fxtest.New(t, opts, fx.Populate(&s, &store))
+		app.RequireStart()
+		if round == 0 {
+			c := connect(t, s.Addr(), "p")
+			if ack := c.publish(m); !ack.GetStatus() {
+				t.Fatal(ack.GetFeedback())
+			}
+		} else if _, err := store.Get(context.Background(), m.GetHeader().GetMessageId()); err != nil {
+			t.Fatalf("after restart: %v", err)
+		}
+		app.RequireStop()
+	}
+	if _, err := os.Stat(filepath.Join(dir, "0000000001.seg")); err != nil {
+		t.Fatalf("no segment in %s: %v", dir, err)
 	}
 }
 
@@ -64,7 +101,7 @@ func TestAppOptionsValidate(t *testing.T) {
 // the admin port, publishes through it, and stops it.
 func TestAppStartStop(t *testing.T) {
 	o := DefaultOptions()
-	o.Bind, o.PPort = "127.0.0.1:0", freeAdminPort(t)
+	o.Bind, o.PPort, o.DB = "127.0.0.1:0", freeAdminPort(t), "memory://"
 	opts, err := AppOptions(o, zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel)))
 	if err != nil {
 		t.Fatal(err)
@@ -139,7 +176,7 @@ func TestParseFlags(t *testing.T) {
 func TestStartFailsOnTakenAddress(t *testing.T) {
 	b := startBroker(t, nil)
 	o := DefaultOptions()
-	o.Bind, o.PPort = b.Addr(), 0
+	o.Bind, o.PPort, o.DB = b.Addr(), 0, "memory://"
 	opts, err := AppOptions(o, zap.NewNop())
 	if err != nil {
 		t.Fatal(err)

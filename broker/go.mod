@@ -6,6 +6,7 @@ require (
 	github.com/kiteq/kiteq/protocol v0.0.0-00010101000000-000000000000
 	github.com/kiteq/kiteq/registry v0.0.0-00010101000000-000000000000
 	github.com/kiteq/kiteq/storage v0.0.0-00010101000000-000000000000
+	github.com/kiteq/kiteq/storage-file v0.0.0-00010101000000-000000000000
 	go.uber.org/fx v1.24.0
 	go.uber.org/goleak v1.3.0
 	go.uber.org/zap v1.28.0
@@ -22,4 +23,5 @@ replace (
 	github.com/kiteq/kiteq/protocol => ../protocol
 	github.com/kiteq/kiteq/registry => ../registry
 	github.com/kiteq/kiteq/storage => ../storage
+	github.com/kiteq/kiteq/storage-file => ../storage-file
 )

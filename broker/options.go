@@ -59,12 +59,12 @@ type Options struct {
 }
 
 // DefaultOptions returns the options of a standalone broker on
-// 127.0.0.1:13800 with the memory store.
+// 127.0.0.1:13800 with the file store in ./data.
 func DefaultOptions() Options {
 	return Options{
 		Bind:                "127.0.0.1:13800",
 		PPort:               13801,
-		DB:                  "memory://",
+		DB:                  "file://./data",
 		LogLevel:            "info",
 		MaxBody:             protocol.DefaultMaxBody,
 		HandshakeTimeout:    10 * time.Second,

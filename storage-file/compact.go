@@ -157,9 +157,7 @@ func (s *Store) compactStep(oldest uint32) error {
 	}
 	s.mu.Unlock()
 
-	var q []byte
-	var recs []*record
-	var sizes []uint32
+	var w writeQueue
 	for _, l := range lives {
 		r := *l.r
 		r.state, r.count, r.next = l.e.state, l.e.count, l.e.next
@@ -171,19 +169,15 @@ func (s *Store) compactStep(oldest uint32) error {
 			}
 			r.succ, r.fail = dr.succ, dr.fail
 		}
-		before := len(q)
-		q = appendRecord(q, &r)
-		r.header, r.body = nil, nil
-		recs = append(recs, &r)
-		sizes = append(sizes, uint32(len(q)-before))
+		w.add(&r)
 	}
-	if len(recs) > 0 {
-		if n, err := s.write(q, recs, sizes); err != nil {
-			return fmt.Errorf("copy %d of %d live messages: %w", len(recs)-n, len(recs), err)
+	if w.len() > 0 {
+		if n, err := s.write(&w); err != nil {
+			return fmt.Errorf("copy %d of %d live messages: %w", w.len()-n, w.len(), err)
 		}
 	}
 	s.log.Debug("compacted", zap.Uint32("segment", oldest), zap.Int64("from", s.compactAt), zap.Int64("to", at),
-		zap.Int("copied", len(recs)))
+		zap.Int("copied", w.len()))
 	s.compactAt = at
 	return nil
 }

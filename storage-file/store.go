@@ -44,10 +44,8 @@ type Store struct {
 	mu      sync.Mutex
 	idx     *index
 	pending map[msgID]queued // saves queued and not yet applied
-	queue   []byte           // encoded records for the writer
-	recs    []*record        // the records of queue, in order
-	sizes   []uint32         // their encoded sizes
-	batch   *batch           // the callers waiting for queue
+	q       writeQueue       // records for the writer
+	batch   *batch           // the callers waiting for q
 	failed  error            // set after a failure the store cannot undo: refuse writes
 	closed  bool
 
@@ -57,13 +55,16 @@ type Store struct {
 	segs  map[uint32]*segment
 
 	// Writer state, owned by the writer goroutine.
+	spare      writeQueue // swapped with q at each flush
 	active     *segment
 	activeSize int64
 	segIDs     []uint32 // ascending; the last one is active
 	dirty      bool     // written since the last fsync
 	compactAt  int64    // next offset to look at in the oldest segment
 	lastMaint  time.Time
-	maintErr   error // a segment could not be deleted: delete no more
+	lastBatch  int           // records in the last batch written
+	lastWrite  time.Duration // how long writing it took
+	maintErr   error         // a segment could not be deleted: delete no more
 
 	wake chan struct{}
 	stop chan struct{}
@@ -208,12 +209,10 @@ func (s *Store) roll() error {
 	return nil
 }
 
-// enqueue hands an encoded record to the writer and returns the batch to
-// wait for and the record's place in it. The caller holds s.mu.
-func (s *Store) enqueueLocked(r *record, encoded []byte) (*batch, int) {
-	s.queue = append(s.queue, encoded...)
-	s.recs = append(s.recs, r)
-	s.sizes = append(s.sizes, uint32(len(encoded)))
+// enqueueLocked encodes r into the writer's queue and returns the batch
+// to wait for and the record's place in it. The caller holds s.mu.
+func (s *Store) enqueueLocked(r *record) (*batch, int) {
+	s.q.add(r)
 	b := s.batch
 	i := b.n
 	b.n++
@@ -272,36 +271,79 @@ func (s *Store) run() {
 			s.syncIfDirty()
 			return
 		}
+		s.gather()
 		s.flush()
 		s.maintain()
 	}
 }
 
+// gather lets the next batch fill before it is written. The callers that
+// the last write released are about to queue their next records; writing
+// before they have would split them into two batches and two fsyncs. So
+// the writer waits until the queue holds as many records as the last batch
+// had, or until half the time the last write took has passed.
+func (s *Store) gather() {
+	if s.lastBatch <= 1 {
+		return
+	}
+	wait := min(s.lastWrite/2, maxGather)
+	var deadline <-chan time.Time
+	for {
+		s.mu.Lock()
+		n := s.batch.n
+		s.mu.Unlock()
+		if n >= s.lastBatch {
+			return
+		}
+		if deadline == nil {
+			t := time.NewTimer(wait)
+			defer t.Stop()
+			deadline = t.C
+		}
+		select {
+		case <-s.wake:
+		case <-deadline:
+			return
+		case <-s.stop:
+			return
+		}
+	}
+}
+
+// maxGather bounds the wait of gather.
+const maxGather = time.Millisecond
+
 // flush writes and applies what is queued.
 func (s *Store) flush() {
 	s.mu.Lock()
-	q, recs, sizes, b := s.queue, s.recs, s.sizes, s.batch
-	s.queue, s.recs, s.sizes, s.batch = nil, nil, nil, newBatch()
+	w, b := s.q, s.batch
+	s.q, s.batch = s.spare, newBatch()
 	s.mu.Unlock()
 	if b.n == 0 {
+		s.spare = w
 		return
 	}
-	b.ok, b.err = s.write(q, recs, sizes)
+	start := time.Now()
+	b.ok, b.err = s.write(&w)
+	s.lastBatch, s.lastWrite = b.n, time.Since(start)
 	s.mu.Lock()
-	for _, r := range recs {
-		if r.kind == recSave {
-			delete(s.pending, r.id)
+	for i := range w.recs {
+		if w.recs[i].kind == recSave {
+			delete(s.pending, w.recs[i].id)
 		}
 	}
 	s.mu.Unlock()
 	close(b.done)
+	w.reset()
+	s.spare = w
 }
 
-// write appends the encoded records q to the log, rolling segments as
+// write appends the queued records to the log, rolling segments as
 // needed, makes them as durable as the policy says, and applies them to
 // the index. It returns how many records made it, and why the rest failed.
-func (s *Store) write(q []byte, recs []*record, sizes []uint32) (int, error) {
-	var positions []pos
+func (s *Store) write(w *writeQueue) (int, error) {
+	recs, sizes := w.recs, w.sizes
+	positions := w.positions[:0]
 	written, off := 0, 0
 	var err error
 	for written < len(recs) {
@@ -319,7 +361,7 @@ func (s *Store) write(q []byte, recs []*record, sizes []uint32) (int, error) {
 			}
 			continue
 		}
-		if _, err = s.active.f.WriteAt(q[off:off+n], s.activeSize); err != nil {
+		if _, err = s.active.f.WriteAt(w.buf[off:off+n], s.activeSize); err != nil {
 			err = s.undoWrite(err)
 			break
 		}
@@ -331,6 +373,7 @@ func (s *Store) write(q []byte, recs []*record, sizes []uint32) (int, error) {
 		off += n
 		written = end
 	}
+	w.positions = positions
 	if written > 0 && s.opts.Sync == SyncAlways {
 		if serr := s.active.f.Sync(); serr != nil {
 			// After a failed fsync the kernel may have dropped the dirty
@@ -350,13 +393,43 @@ func (s *Store) write(q []byte, recs []*record, sizes []uint32) (int, error) {
 	s.mu.Lock()
 	for i := range written {
 		s.idx.seg(positions[i].seg).size = int64(positions[i].off) + int64(positions[i].size)
-		s.idx.apply(recs[i], positions[i])
+		s.idx.apply(&recs[i], positions[i])
 	}
 	s.mu.Unlock()
 	if written < len(recs) && err == nil {
 		err = errors.New("not written")
 	}
 	return written, err
+}
+
+// writeQueue is records encoded for one write, with what applying each
+// needs.
+type writeQueue struct {
+	buf       []byte
+	recs      []record // payload fields cleared: the index keeps none
+	sizes     []uint32
+	positions []pos // scratch of write
+}
+
+func (w *writeQueue) add(r *record) {
+	before := len(w.buf)
+	w.buf = appendRecord(w.buf, r)
+	w.sizes = append(w.sizes, uint32(len(w.buf)-before))
+	w.recs = append(w.recs, *r)
+	last := &w.recs[len(w.recs)-1]
+	last.header, last.body, last.succ, last.fail = nil, nil, nil, nil
+}
+
+func (w *writeQueue) len() int { return len(w.recs) }
+
+func (w *writeQueue) reset() {
+	if cap(w.buf) > 8<<20 {
+		w.buf = nil // do not keep a burst's buffer forever
+	}
+	w.buf = w.buf[:0]
+	clear(w.recs)
+	w.recs = w.recs[:0]
+	w.sizes = w.sizes[:0]
 }
 
 // undoWrite cuts the active segment back after a failed write, so that
@@ -454,9 +527,6 @@ func (s *Store) Save(ctx context.Context, m *storage.Message) (bool, error) {
 		return false, err
 	}
 	r.next = truncMillis(m.NextDeliverTime)
-	buf := appendRecord(nil, r)
-	// The index keeps no payload: let the record drop the caller's bytes.
-	r.header, r.body, r.succ, r.fail = nil, nil, nil, nil
 
 	for {
 		s.mu.Lock()
@@ -476,7 +546,7 @@ func (s *Store) Save(ctx context.Context, m *storage.Message) (bool, error) {
 			}
 			continue // that save failed: try ours
 		}
-		b, i := s.enqueueLocked(r, buf)
+		b, i := s.enqueueLocked(r)
 		s.pending[id] = queued{b, i}
 		s.mu.Unlock()
 		if err := s.wait(ctx, "save "+m.ID(), b, i); err != nil {
@@ -513,7 +583,7 @@ func (s *Store) change(ctx context.Context, op, idStr string, decide func(e entr
 		return err
 	}
 	r.id = id
-	b, i := s.enqueueLocked(r, appendRecord(nil, r))
+	b, i := s.enqueueLocked(r)
 	s.mu.Unlock()
 	return s.wait(ctx, op+" "+idStr, b, i)
 }

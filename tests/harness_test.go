@@ -32,6 +32,7 @@ func startBroker(t testing.TB, mutate func(*broker.Options)) *testBroker {
 	o := broker.DefaultOptions()
 	o.Bind = "127.0.0.1:0"
 	o.PPort = 0
+	o.DB = "memory://"
 	o.RetryDelay = 100 * time.Millisecond
 	o.MaxRetryDelay = time.Second
 	if mutate != nil {

@@ -1,0 +1,103 @@
+package filestore
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/kiteq/kiteq/protocol"
+	"github.com/kiteq/kiteq/storage"
+)
+
+// benchDir is where benchmarks write: KITEQ_BENCH_DIR, or a temporary
+// directory on the disk the tests run on.
+func benchDir(b *testing.B) string {
+	if d := os.Getenv("KITEQ_BENCH_DIR"); d != "" {
+		dir, err := os.MkdirTemp(d, "filestore-bench-")
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { os.RemoveAll(dir) })
+		return dir
+	}
+	return b.TempDir()
+}
+
+// BenchmarkDiskFsync is the disk's own latency for appending 512 bytes and
+// fsyncing, the bound of one synchronous saver.
+func BenchmarkDiskFsync(b *testing.B) {
+	f, err := os.Create(filepath.Join(benchDir(b), "probe"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer f.Close()
+	buf := make([]byte, 512)
+	b.SetBytes(512)
+	b.ResetTimer()
+	for range b.N {
+		if _, err := f.Write(buf); err != nil {
+			b.Fatal(err)
+		}
+		if err := f.Sync(); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+func benchMessage(body []byte) *storage.Message {
+	id := protocol.MessageId()
+	h := &protocol.Header{
+		MessageId: &id, Topic: new("trade"), MessageType: new("pay-succ"),
+		ExpiredTime: new(int64(-1)), DeliveryLimit: new(int32(-1)), GroupId: new("producer"),
+		Commit: new(true), Fly: new(false),
+	}
+	return &storage.Message{Cmd: protocol.CmdBytesMessage, Header: h, Body: body, Committed: true, NextDeliverTime: time.Now()}
+}
+
+// BenchmarkSave: C concurrent savers of 512-byte messages, each Save
+// waiting for its own acknowledgement, with fsync=always and fsync=never.
+func BenchmarkSave(b *testing.B) {
+	body := []byte(strings.Repeat("x", 512))
+	for _, policy := range []SyncPolicy{SyncAlways, SyncNever} {
+		for _, savers := range []int{1, 16, 64} {
+			b.Run(fmt.Sprintf("fsync=%s/savers=%d", policy, savers), func(b *testing.B) {
+				o := DefaultOptions(benchDir(b))
+				o.Sync = policy
+				s, err := Open(o, zap.NewNop())
+				if err != nil {
+					b.Fatal(err)
+				}
+				defer s.Close()
+				b.SetBytes(int64(len(body)))
+				b.ReportAllocs()
+				b.SetParallelism(max(1, savers/runtime.GOMAXPROCS(0)))
+				ctx := context.Background()
+				b.ResetTimer()
+				if savers == 1 {
+					for range b.N {
+						if _, err := s.Save(ctx, benchMessage(body)); err != nil {
+							b.Fatal(err)
+						}
+					}
+				} else {
+					b.RunParallel(func(pb *testing.PB) {
+						for pb.Next() {
+							if _, err := s.Save(ctx, benchMessage(body)); err != nil {
+								b.Error(err)
+								return
+							}
+						}
+					})
+				}
+				b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "msgs/s")
+			})
+		}
+	}
+}
