@@ -45,9 +45,9 @@ type Message struct {
 	DeliverCount int32
 	// NextDeliverTime is when the message is next due: for delivery when
 	// committed, for a transaction check otherwise. A backend keeps it to
-	// at least the millisecond and may drop anything finer (the memory
-	// store truncates it to the millisecond); what Get and Due return is
-	// the time as stored.
+	// at least the millisecond and may drop anything finer, truncating
+	// (time.Truncate(time.Millisecond), as the memory store does), never
+	// rounding; what Get and Due return is the time as stored.
 	NextDeliverTime time.Time
 	// SuccGroups lists the groups that acknowledged the message; FailGroups
 	// the groups whose last delivery failed. A retry goes to FailGroups only.

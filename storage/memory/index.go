@@ -14,7 +14,7 @@ type node[K, V any] struct {
 
 // index is a skip list ordered by its compare function. A shard keeps
 // several beside its maps: its live messages ordered by due position
-// (storage.Cursor), so that Due seeks to "the first message after X" in
+// (dueKey), so that Due seeks to "the first message after X" in
 // O(log n) and walks only the messages it returns, and its dead letters
 // ordered by id, for DeadLetters. Keys are unique. It is not safe for
 // concurrent use; the shard's mutex guards it.

@@ -9,10 +9,11 @@
 // (NextDeliverTime, id): one of committed messages (DueDelivery) and one
 // of uncommitted ones (DueTxCheck). Every write that changes a message's
 // kind or NextDeliverTime moves it between or within them, in O(log n). Due
-// seeks each shard's list to the caller's cursor and walks only the
-// messages it returns, so polling a store of a million messages that are
-// not due yet costs one seek per shard. Dead letters have a map and a skip
-// list ordered by id (for DeadLetters).
+// seeks each shard's list to the caller's cursor and walks forward over
+// due messages only, as long as they can still make the page, so polling
+// a store of a million messages that are not due yet costs one seek per
+// shard. Dead letters have a map and a skip list ordered by id (for
+// DeadLetters).
 //
 // NextDeliverTime is truncated to the millisecond on every write (Save,
 // Commit, RecordDelivery), as a backend that keeps milliseconds would, so
@@ -30,6 +31,7 @@ import (
 	"context"
 	"fmt"
 	"hash/maphash"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -67,8 +69,8 @@ type Store struct {
 }
 
 type (
-	liveNode = node[storage.Cursor, *storage.Message]
-	dueIndex = index[storage.Cursor, *storage.Message]
+	liveNode = node[dueKey, *storage.Message]
+	dueIndex = index[dueKey, *storage.Message]
 	deadNode = node[string, *storage.DeadLetter]
 )
 
@@ -85,10 +87,38 @@ type shard struct {
 func (sh *shard) reset() {
 	sh.live = make(map[string]*liveNode)
 	for k := range sh.due {
-		sh.due[k] = newIndex[storage.Cursor, *storage.Message](storage.Cursor.Compare)
+		sh.due[k] = newIndex[dueKey, *storage.Message](compareDue)
 	}
 	sh.dead = make(map[string]*deadNode)
 	sh.deadByID = newIndex[string, *storage.DeadLetter](strings.Compare)
+}
+
+// dueKey is a position in the due order: storage.Cursor in a form that
+// compares faster and the same way (the instant, whatever the location or
+// monotonic reading, then the id), the time as whole seconds since 1970
+// and nanoseconds within the second.
+type dueKey struct {
+	sec  int64
+	nsec int32
+	id   string
+}
+
+func keyOf(c storage.Cursor) dueKey {
+	return dueKey{sec: c.Time.Unix(), nsec: int32(c.Time.Nanosecond()), id: c.ID}
+}
+
+func compareDue(a, b dueKey) int {
+	switch {
+	case a.sec < b.sec:
+		return -1
+	case a.sec > b.sec:
+		return +1
+	case a.nsec < b.nsec:
+		return -1
+	case a.nsec > b.nsec:
+		return +1
+	}
+	return strings.Compare(a.id, b.id)
 }
 
 // kind is the due kind a live message belongs to.
@@ -105,14 +135,14 @@ func msTime(t time.Time) time.Time { return t.Truncate(time.Millisecond) }
 
 // insertLive adds a live message to its due index; the caller holds sh.mu.
 func (sh *shard) insertLive(m *storage.Message) {
-	sh.live[m.ID()] = sh.due[kind(m)].insert(m.Cursor(), m)
+	sh.live[m.ID()] = sh.due[kind(m)].insert(keyOf(m.Cursor()), m)
 }
 
 // replaceLive puts m in the place of the live message n; the caller holds
 // sh.mu. It moves the message in the due indexes only when its kind or
 // position changed.
 func (sh *shard) replaceLive(n *liveNode, m *storage.Message) {
-	if kind(m) == kind(n.val) && n.key.Compare(m.Cursor()) == 0 {
+	if kind(m) == kind(n.val) && compareDue(n.key, keyOf(m.Cursor())) == 0 {
 		n.val = m
 		return
 	}
@@ -394,10 +424,11 @@ func (s *Store) DeadLetter(ctx context.Context, id string, reason string) error 
 // (NextDeliverTime, id).
 //
 // Cost: each shard seeks its index of q.Kind to q.After in O(log n) and
-// walks forward until q.Before, until it has a page, or, once the shards
-// before it filled the page, until the page's last position. Messages that
+// walks forward until q.Before, or until it reaches a message that cannot
+// make the page (the page holds q.Limit messages before it). Messages that
 // are not due, or of the other kind, are never visited: a poll that finds
-// nothing due costs one seek per shard however large the backlog.
+// nothing due costs one seek per shard however large the backlog, and a
+// page of k costs O(shards·log n + k·log k·log shards).
 func (s *Store) Due(ctx context.Context, q storage.DueQuery) ([]*storage.Message, error) {
 	if err := s.begin(ctx, "due"); err != nil {
 		return nil, err
@@ -405,16 +436,16 @@ func (s *Store) Due(ctx context.Context, q storage.DueQuery) ([]*storage.Message
 	if q.Kind != storage.DueDelivery && q.Kind != storage.DueTxCheck {
 		return nil, fmt.Errorf("memory store: due: unknown kind %d (want DueDelivery or DueTxCheck)", q.Kind)
 	}
-	before := q.Before
-	page, err := collect(ctx, s, "due", q.After, q.After.IsZero(), q.Limit,
+	before := keyOf(storage.Cursor{Time: q.Before}) // at Before is due
+	page, err := collect(ctx, s, "due", keyOf(q.After), q.After.IsZero(), q.Limit,
 		func(sh *shard) *dueIndex { return sh.due[q.Kind] },
-		func(c storage.Cursor) bool { return !c.Time.After(before) })
+		func(k dueKey) bool { return k.sec < before.sec || k.sec == before.sec && k.nsec <= before.nsec })
 	if err != nil {
 		return nil, err
 	}
 	out := make([]*storage.Message, len(page))
 	for i, m := range page {
-		out[i] = m
+		out[i] = m.Clone()
 	}
 	return out, nil
 }
@@ -446,26 +477,21 @@ type hit[K, V any] struct {
 // collect gathers, across all shards and in the order of their indexes,
 // the first limit values with keys above after (from the first key when
 // fromStart) while inRange holds; inRange must hold for a prefix of every
-// index. It visits one shard at a time and merges that shard's run into
-// the page so far; once the page is full, the next shards stop walking at
-// the page's last key. The values are the stored ones: the caller copies
-// them.
+// index. It visits one shard at a time, offering that shard's keys in
+// order to the page so far (the least limit keys seen); the walk of a
+// shard stops at the first key the page refuses, so once the page is full
+// each shard walks only what it adds. The values are the stored ones: the
+// caller copies them.
 func collect[K, V any](ctx context.Context, s *Store, op string, after K, fromStart bool, limit int,
 	byKey func(*shard) *index[K, V], inRange func(K) bool) ([]V, error) {
 	if limit <= 0 {
 		limit = DefaultLimit
 	}
-	var page, run, merged []hit[K, V]
+	page := least[K, V]{limit: limit}
 	for i := range s.shards {
 		if err := ctx.Err(); err != nil {
 			return nil, fmt.Errorf("memory store: %s: %w", op, err)
 		}
-		full := len(page) == limit
-		var bound K
-		if full {
-			bound = page[limit-1].key
-		}
-		run = run[:0]
 		sh := &s.shards[i]
 		sh.mu.Lock()
 		if s.closed.Load() {
@@ -473,41 +499,74 @@ func collect[K, V any](ctx context.Context, s *Store, op string, after K, fromSt
 			return nil, closedError(op)
 		}
 		x := byKey(sh)
+		page.cmp = x.cmp
 		n := x.first()
 		if !fromStart {
 			n = x.after(after)
 		}
-		for ; n != nil && len(run) < limit && inRange(n.key); n = n.next[0] {
-			if full && x.cmp(n.key, bound) >= 0 {
-				break
-			}
-			run = append(run, hit[K, V]{n.key, n.val})
+		for ; n != nil && inRange(n.key) && page.offer(n.key, n.val); n = n.next[0] {
 		}
-		cmp := x.cmp
 		sh.mu.Unlock()
-		if len(run) == 0 {
-			continue
-		}
-		merged = mergeLimit(merged[:0], page, run, limit, cmp)
-		page, merged = merged, page
 	}
-	out := make([]V, len(page))
-	for i, h := range page {
-		out[i] = h.val
-	}
-	return out, nil
+	return page.sorted(), nil
 }
 
-// mergeLimit appends to dst the first limit hits of the sorted runs a and b.
-func mergeLimit[K, V any](dst, a, b []hit[K, V], limit int, cmp func(a, b K) int) []hit[K, V] {
-	for len(dst) < limit && (len(a) > 0 || len(b) > 0) {
-		if len(b) == 0 || (len(a) > 0 && cmp(a[0].key, b[0].key) < 0) {
-			dst, a = append(dst, a[0]), a[1:]
-		} else {
-			dst, b = append(dst, b[0]), b[1:]
+// least keeps the limit least keys offered to it, in a max-heap.
+type least[K, V any] struct {
+	heap  []hit[K, V]
+	limit int
+	cmp   func(a, b K) int
+}
+
+// offer adds key unless the heap is full of lesser keys, and reports
+// whether it did; a key it refuses is greater than every key it holds.
+func (l *least[K, V]) offer(key K, val V) bool {
+	h := l.heap
+	if len(h) < l.limit {
+		h = append(h, hit[K, V]{key, val})
+		for i := len(h) - 1; i > 0; { // sift up
+			p := (i - 1) / 2
+			if l.cmp(h[p].key, h[i].key) >= 0 {
+				break
+			}
+			h[p], h[i] = h[i], h[p]
+			i = p
 		}
+		l.heap = h
+		return true
 	}
-	return dst
+	if l.cmp(key, h[0].key) >= 0 {
+		return false
+	}
+	h[0] = hit[K, V]{key, val}
+	for i := 0; ; { // sift down
+		c := 2*i + 1
+		if c >= len(h) {
+			break
+		}
+		if c+1 < len(h) && l.cmp(h[c+1].key, h[c].key) > 0 {
+			c++
+		}
+		if l.cmp(h[i].key, h[c].key) >= 0 {
+			break
+		}
+		h[i], h[c] = h[c], h[i]
+		i = c
+	}
+	return true
+}
+
+// sorted returns the values held, by ascending key.
+func (l *least[K, V]) sorted() []V {
+	if len(l.heap) == 0 {
+		return nil
+	}
+	slices.SortFunc(l.heap, func(a, b hit[K, V]) int { return l.cmp(a.key, b.key) })
+	out := make([]V, len(l.heap))
+	for i, h := range l.heap {
+		out[i] = h.val
+	}
+	return out
 }
 
 // Close drops every message; later calls return storage.ErrClosed, and so
