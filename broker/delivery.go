@@ -192,7 +192,7 @@ func (e *engine) dispatch(m *storage.Message, fly bool) {
 		done[g] = true
 	}
 	e.mu.Lock()
-	if e.stopped || e.flights[m.ID()] != nil {
+	if f := e.flights[m.ID()]; e.stopped || (f != nil && f != claimed) {
 		e.mu.Unlock()
 		return
 	}
@@ -213,6 +213,8 @@ func (e *engine) dispatch(m *storage.Message, fly bool) {
 	f.pending = len(ds)
 	if len(ds) > 0 {
 		e.flights[m.ID()] = f
+	} else if e.flights[m.ID()] == claimed {
+		delete(e.flights, m.ID())
 	}
 	e.mu.Unlock()
 
@@ -229,6 +231,30 @@ func (e *engine) dispatch(m *storage.Message, fly bool) {
 	for _, d := range ds {
 		d.g.enqueue(d)
 	}
+}
+
+// claimed holds the place of a flight while a commit reads its message.
+var claimed = &flight{}
+
+// claim reserves id for a commit that is about to read the message, so that
+// a flight of id that finishes meanwhile cannot be started again from a
+// copy read before its Delete. It reports false when id has a flight.
+func (e *engine) claim(id string) bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.stopped || e.flights[id] != nil {
+		return false
+	}
+	e.flights[id] = claimed
+	return true
+}
+
+func (e *engine) unclaim(id string) {
+	e.mu.Lock()
+	if e.flights[id] == claimed {
+		delete(e.flights, id)
+	}
+	e.mu.Unlock()
 }
 
 // finish ends a flight: the message is deleted, or dead-lettered with the
@@ -290,8 +316,12 @@ func (e *engine) after(d time.Duration, fn func()) {
 		e.mu.Lock()
 		_, live := e.timers[t]
 		delete(e.timers, t)
+		if live {
+			e.wg.Add(1) // stop waits for a retry that is running
+		}
 		e.mu.Unlock()
 		if live {
+			defer e.wg.Done()
 			fn()
 		}
 	})
@@ -323,14 +353,21 @@ func (e *engine) expiry(m *storage.Message) time.Time {
 // after a restart.
 func (e *engine) recover(ctx context.Context) (int, error) {
 	n := 0
-	q := storage.DueQuery{Kind: storage.DueDelivery, Before: e.now(), Limit: 500}
+	now := e.now()
+	// Every committed message, due or not: one whose retry was pending
+	// when the broker stopped is dispatched when its time comes.
+	q := storage.DueQuery{Kind: storage.DueDelivery, Before: now.Add(100 * 365 * 24 * time.Hour), Limit: 500}
 	for {
 		page, err := e.store.Due(ctx, q)
 		if err != nil {
 			return n, fmt.Errorf("recover due messages: %w", err)
 		}
 		for _, m := range page {
-			e.dispatch(m, false)
+			if wait := m.NextDeliverTime.Sub(now); wait > 0 {
+				e.after(wait, func() { e.dispatch(m, false) })
+			} else {
+				e.dispatch(m, false)
+			}
 			n++
 		}
 		if len(page) < q.Limit {
@@ -359,6 +396,21 @@ func (e *engine) stop() {
 	clear(e.timers)
 	e.mu.Unlock()
 	e.wg.Wait()
+}
+
+// expireQueued gives up the queued deliveries whose message expired.
+func (e *engine) expireQueued(now time.Time) {
+	e.mu.Lock()
+	gs := make([]*group, 0, len(e.groups))
+	for _, g := range e.groups {
+		gs = append(gs, g)
+	}
+	e.mu.Unlock()
+	for _, g := range gs {
+		for _, d := range g.takeExpired(now) {
+			d.f.groupResult(d, resultFailed, "expired while queued")
+		}
+	}
 }
 
 func (e *engine) inFlight() int {

@@ -2,6 +2,7 @@ package broker
 
 import (
 	"sync"
+	"time"
 )
 
 // group is one consumer group on this broker: its live connections and
@@ -137,6 +138,25 @@ func (g *group) send(picks []pick, skipped []*delivery) {
 		// from the group is under way, so the retry picks another one.
 		g.requeue(lost)
 	}
+}
+
+// takeExpired removes and returns the queued deliveries whose message
+// expired before now.
+func (g *group) takeExpired(now time.Time) []*delivery {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	var out []*delivery
+	kept := g.queue[:0]
+	for _, d := range g.queue {
+		if now.After(g.e.expiry(d.f.msg)) {
+			out = append(out, d)
+		} else {
+			kept = append(kept, d)
+		}
+	}
+	clear(g.queue[len(kept):])
+	g.queue = kept
+	return out
 }
 
 // depth returns the queued and in-flight deliveries, for stats and tests.

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/kiteq/kiteq/protocol"
 	"github.com/kiteq/kiteq/registry"
@@ -129,6 +130,8 @@ func (s *Server) Stop(ctx context.Context) error {
 	if s.stopping.Swap(true) {
 		return nil
 	}
+	ctx, cancel := context.WithTimeout(ctx, s.opts.ShutdownTimeout)
+	defer cancel()
 	s.closeListeners()
 	if err := s.reg.UnpublishServer(ctx, s.Addr(), s.opts.Topics); err != nil {
 		s.log.Warn("unregister", zap.Error(err))
@@ -240,6 +243,7 @@ func (s *Server) sweepLoop() {
 				sessions = append(sessions, sess)
 			}
 			s.mu.Unlock()
+			s.engine.expireQueued(now)
 			for _, sess := range sessions {
 				for _, d := range sess.expired(now) {
 					s.stats.DeliverTimeouts.Add(1)
@@ -331,6 +335,11 @@ func (s *Server) publish(sess *session, p *protocol.Packet) error {
 	if h.CreateTime == nil {
 		h.CreateTime = ptr(now.Unix())
 	}
+	if n := proto.Size(msg); n > s.opts.MaxBody {
+		s.storeAck(sess, p.Opaque, h.GetMessageId(), false,
+			fmt.Sprintf("message of %d bytes (with createTime) is over the %d-byte limit", n, s.opts.MaxBody))
+		return nil
+	}
 	m := storage.NewMessage(msg, now)
 	if h.GetFly() {
 		s.storeAck(sess, p.Opaque, h.GetMessageId(), true, "fly: not stored")
@@ -339,8 +348,9 @@ func (s *Server) publish(sess *session, p *protocol.Packet) error {
 	}
 
 	sess.pubSlots <- struct{}{}
+	saved := sess.startSave(m.ID())
 	go func() {
-		defer func() { <-sess.pubSlots }()
+		defer func() { sess.endSave(m.ID(), saved); <-sess.pubSlots }()
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		stored, err := s.store.Save(ctx, m)
 		cancel()
@@ -425,15 +435,36 @@ func (s *Server) txAck(sess *session, p *protocol.Packet) error {
 		return fatalf("bad TX_ACK: %v", err)
 	}
 	id := tx.GetHeader().GetMessageId()
+	// A decision follows its message: wait for a save of it that this
+	// connection started and that is still running.
+	saved := sess.pendingSave(id)
+	waitSaved := func(ctx context.Context) error {
+		if saved == nil {
+			return nil
+		}
+		select {
+		case <-saved:
+			return nil
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
 	switch protocol.TxStatus(tx.GetStatus()) {
 	case protocol.TxCommit:
 		s.engine.storeAsync("commit", func(ctx context.Context) error {
+			if err := waitSaved(ctx); err != nil {
+				return err
+			}
 			if err := s.store.Commit(ctx, id); err != nil {
 				return fmt.Errorf("commit %s: %w", id, err)
 			}
 			s.stats.Committed.Add(1)
+			if !s.engine.claim(id) {
+				return nil // being delivered already
+			}
 			m, err := s.store.Get(ctx, id)
 			if err != nil {
+				s.engine.unclaim(id)
 				if errors.Is(err, storage.ErrNotFound) {
 					return nil // delivered and finished already
 				}
@@ -444,6 +475,9 @@ func (s *Server) txAck(sess *session, p *protocol.Packet) error {
 		})
 	case protocol.TxRollback:
 		s.engine.storeAsync("rollback", func(ctx context.Context) error {
+			if err := waitSaved(ctx); err != nil {
+				return err
+			}
 			if err := s.store.Rollback(ctx, id); err != nil {
 				return fmt.Errorf("rollback %s: %w", id, err)
 			}

@@ -33,9 +33,10 @@ type session struct {
 	opaque   atomic.Uint32
 	pubSlots chan struct{} // bounds publishes being stored at once
 
-	mu       sync.Mutex // guards inflight and closed
+	mu       sync.Mutex // guards inflight, closed and saving
 	inflight map[uint32]*inflightDelivery
 	closed   bool
+	saving   map[string]chan struct{} // saves in progress, by message id
 }
 
 type inflightDelivery struct {
@@ -63,7 +64,34 @@ func newSession(srv *Server, conn net.Conn) *session {
 		out:      newOutbox(conn, srv.opts.WriteTimeout),
 		pubSlots: make(chan struct{}, srv.opts.MaxPendingPublishes),
 		inflight: make(map[uint32]*inflightDelivery),
+		saving:   make(map[string]chan struct{}),
 	}
+}
+
+// startSave records that the message id is being saved; endSave ends it.
+func (s *session) startSave(id string) chan struct{} {
+	ch := make(chan struct{})
+	s.mu.Lock()
+	s.saving[id] = ch
+	s.mu.Unlock()
+	return ch
+}
+
+func (s *session) endSave(id string, ch chan struct{}) {
+	s.mu.Lock()
+	if s.saving[id] == ch {
+		delete(s.saving, id)
+	}
+	s.mu.Unlock()
+	close(ch)
+}
+
+// pendingSave returns a channel closed when the save of id that this
+// session started ends, or nil when none runs.
+func (s *session) pendingSave(id string) chan struct{} {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.saving[id]
 }
 
 // serve runs the session until the connection ends.
@@ -78,6 +106,9 @@ func (s *session) readLoop() error {
 	r := protocol.NewReader(s.conn, opts.MaxBody)
 
 	s.conn.SetReadDeadline(time.Now().Add(opts.HandshakeTimeout))
+	if s.srv.stopping.Load() { // after our deadline: Stop's past one wins
+		return errServerStopping
+	}
 	p, err := r.ReadPacket()
 	if err != nil {
 		return s.readError(err, "before CONN_META")
@@ -91,15 +122,16 @@ func (s *session) readLoop() error {
 
 	lastDeadline := time.Time{}
 	for {
-		// Stop sets a past deadline to wake the reader; never extend it.
-		if s.srv.stopping.Load() {
-			return errServerStopping
-		}
 		// Refreshing the deadline costs a timer update: do it at most once
 		// a second.
 		if now := time.Now(); now.Sub(lastDeadline) > time.Second {
 			s.conn.SetReadDeadline(now.Add(opts.IdleTimeout))
 			lastDeadline = now
+		}
+		// Stop sets stopping, then a past deadline. Checked after our
+		// SetReadDeadline, so a deadline we set never outlives Stop's.
+		if s.srv.stopping.Load() {
+			return errServerStopping
 		}
 		p, err := r.ReadPacket()
 		if err != nil {
@@ -169,7 +201,12 @@ func (s *session) deliver(d *delivery) bool {
 		_, mine := s.inflight[opaque]
 		delete(s.inflight, opaque)
 		s.mu.Unlock()
-		// When close took it first, close requeues it.
+		// When close took it first, close requeues it. Otherwise the
+		// writer is gone: leave the group now, or the requeue in
+		// group.send picks this session again, and again.
+		if mine {
+			d.g.removeSession(s)
+		}
 		return !mine
 	}
 	s.srv.stats.Delivered.Add(1)
