@@ -164,7 +164,8 @@ func TestParseFlags(t *testing.T) {
 		"-zkhost=127.0.0.1:2181": "-topics is required with -zkhost",
 		"-pport=70000":           "is not a port",
 		"-db=":                   "-db is empty",
-		"-retry-delay=0s":        "must be positive",
+		"-retry-delay=0s":        "-retry-delay positive",
+		"-deliver-timeout=1ns":   "at least 1ms",
 		"stray":                  "unexpected arguments",
 	} {
 		if _, err := ParseFlags(strings.Fields(args), &out); err == nil || !strings.Contains(err.Error(), want) {

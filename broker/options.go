@@ -121,8 +121,8 @@ func (o Options) Validate() error {
 		return errors.New("-topics is required with -zkhost: a broker registers the topics it serves")
 	case o.MaxBody <= 0:
 		return fmt.Errorf("-max-body %d must be positive", o.MaxBody)
-	case o.DeliverTimeout <= 0 || o.RetryDelay <= 0 || o.MaxRetryDelay < o.RetryDelay:
-		return errors.New("-deliver-timeout and -retry-delay must be positive, -max-retry-delay at least -retry-delay")
+	case o.DeliverTimeout < time.Millisecond || o.RetryDelay <= 0 || o.MaxRetryDelay < o.RetryDelay:
+		return errors.New("-deliver-timeout must be at least 1ms, -retry-delay positive, -max-retry-delay at least -retry-delay")
 	case o.IdleTimeout <= 0 || o.HandshakeTimeout <= 0 || o.WriteTimeout <= 0 || o.ShutdownTimeout <= 0:
 		return errors.New("timeouts must be positive")
 	case o.MaxLifetime <= 0 || o.MaxPendingPublishes <= 0:
