@@ -65,6 +65,9 @@ type scanResult struct {
 	end     int64 // offset after the last good record
 	size    int64 // size of the file
 	bad     error // why reading stopped before size, if it did
+	// zeroTail: the bytes from end to size are zeros, the unused part of a
+	// preallocated segment.
+	zeroTail bool
 }
 
 // scan reads every record of seg in order and calls fn with each. It stops
@@ -85,6 +88,16 @@ func scan(seg *segment, fn func(r *record, p pos)) (scanResult, error) {
 		}
 		n, crc, err := parseRecordHeader(hdr[:])
 		if err != nil {
+			// Zeros from here to the end are the unused part of a
+			// preallocated segment: the log ends cleanly here.
+			if hdr == ([recordHeaderLen]byte{}) {
+				if zero, zerr := allZero(seg.f, res.end, res.size); zerr != nil {
+					return res, zerr
+				} else if zero {
+					res.zeroTail = true
+					return res, nil
+				}
+			}
 			res.bad = err
 			return res, nil
 		}

@@ -20,6 +20,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"sync"
 	"time"
 
@@ -58,9 +59,10 @@ type Store struct {
 	spare      writeQueue // swapped with q at each flush
 	active     *segment
 	activeSize int64
-	segIDs     []uint32 // ascending; the last one is active
-	dirty      bool     // written since the last fsync
-	compactAt  int64    // next offset to look at in the oldest segment
+	segIDs     []uint32  // ascending; the last one is active
+	dirty      bool      // written since the last fsync
+	compactAt  int64     // next offset to look at in the oldest segment
+	prep       *preparer // nil with fsync=never
 	lastMaint  time.Time
 	lastBatch  int           // records in the last batch written
 	lastWrite  time.Duration // how long writing it took
@@ -111,7 +113,15 @@ func Open(opts Options, log *zap.Logger) (*Store, error) {
 		segs: make(map[uint32]*segment),
 		wake: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{}),
 	}
+	os.Remove(filepath.Join(opts.Dir, spareName)) // left by a run that stopped
+	if opts.Sync != SyncNever {
+		s.prep = newPreparer(opts.Dir, opts.SegmentSize)
+		s.prep.request()
+	}
 	if err := s.recover(); err != nil {
+		if s.prep != nil {
+			s.prep.close()
+		}
 		s.closeFiles()
 		return nil, fmt.Errorf("file store: %s: %w", opts.Dir, err)
 	}
@@ -154,6 +164,13 @@ func (s *Store) recover() error {
 			truncated = append(truncated, zap.String(fmt.Sprintf("truncated_%010d", id),
 				fmt.Sprintf("%d bytes at offset %d: %v", res.size-res.end, res.end, res.bad)))
 		}
+		if res.zeroTail && id != ids[len(ids)-1] {
+			// A closed segment keeps no preallocated tail (a crash came
+			// between the roll and its truncation).
+			if err := seg.f.Truncate(res.end); err != nil {
+				return fmt.Errorf("truncate %s: %w", seg.f.Name(), err)
+			}
+		}
 		s.idx.seg(id).size = res.end
 		bytes += res.end
 	}
@@ -178,21 +195,46 @@ func (s *Store) recover() error {
 	return nil
 }
 
-// roll closes the active segment for writing and starts the next one.
+// roll closes the active segment for writing and starts the next one: the
+// spare that the preparer made, or a new empty file.
 func (s *Store) roll() error {
 	next := uint32(1)
 	if n := len(s.segIDs); n > 0 {
 		next = s.segIDs[n-1] + 1
 	}
-	if s.active != nil && s.dirty {
-		if err := s.active.f.Sync(); err != nil {
+	if s.active != nil {
+		// The zeros after the last record are of no use in a closed segment.
+		if err := s.active.f.Truncate(s.activeSize); err != nil {
 			return err
 		}
-		s.dirty = false
+		if s.dirty || s.prep != nil {
+			if err := s.active.f.Sync(); err != nil {
+				return err
+			}
+			s.dirty = false
+		}
 	}
-	seg, err := openSegment(s.opts.Dir, next, true)
-	if err != nil {
-		return err
+	var seg *segment
+	if s.prep != nil {
+		spare, err := s.prep.take()
+		if err != nil {
+			s.log.Warn("file store: no preallocated segment", zap.Error(err))
+		}
+		if spare != "" {
+			if err := os.Rename(spare, segmentPath(s.opts.Dir, next)); err != nil {
+				return err
+			}
+			if seg, err = openSegment(s.opts.Dir, next, false); err != nil {
+				return err
+			}
+		}
+		defer s.prep.request()
+	}
+	if seg == nil {
+		var err error
+		if seg, err = openSegment(s.opts.Dir, next, true); err != nil {
+			return err
+		}
 	}
 	if err := syncDir(s.opts.Dir); err != nil {
 		seg.f.Close()
@@ -475,6 +517,9 @@ func (s *Store) Close() error {
 	s.mu.Unlock()
 	close(s.stop)
 	<-s.done
+	if s.prep != nil {
+		s.prep.close()
+	}
 	s.mu.Lock()
 	err := s.failed
 	s.mu.Unlock()

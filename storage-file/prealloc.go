@@ -1,0 +1,136 @@
+package filestore
+
+import (
+	"bytes"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+)
+
+// With fsync=always or interval, segments are preallocated: written full of
+// zeros and fsynced before they are used. An fsync after appending to a file
+// must also commit the file's new size and blocks to the file system's
+// journal; an fsync after overwriting blocks that already exist writes only
+// the data. On the disks KiteQ was measured on that halves the cost of a
+// group commit of a few dozen records.
+//
+// A background goroutine keeps one spare segment ready under spareName; a
+// roll renames it into place. When the spare is not ready in time the roll
+// creates a plain file and appends to it, as with fsync=never.
+
+const spareName = "spare.tmp"
+
+// preparer makes spare segments off the writer's path.
+type preparer struct {
+	dir  string
+	size int64
+	req  chan struct{} // make a spare
+	done chan error    // the spare is ready, or why not
+	busy bool          // a spare is being made
+	have bool          // a spare is ready
+	quit chan struct{}
+	exit chan struct{}
+}
+
+func newPreparer(dir string, size int64) *preparer {
+	p := &preparer{dir: dir, size: size, req: make(chan struct{}, 1), done: make(chan error, 1),
+		quit: make(chan struct{}), exit: make(chan struct{})}
+	go p.run()
+	return p
+}
+
+func (p *preparer) path() string { return filepath.Join(p.dir, spareName) }
+
+func (p *preparer) run() {
+	defer close(p.exit)
+	for {
+		select {
+		case <-p.quit:
+			return
+		case <-p.req:
+			p.done <- p.make()
+		}
+	}
+}
+
+// make writes the spare: zeros, fsynced, so that its blocks exist on disk.
+func (p *preparer) make() error {
+	f, err := os.OpenFile(p.path(), os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
+	if err != nil {
+		return err
+	}
+	zeros := make([]byte, 1<<20)
+	for off := int64(0); off < p.size; off += int64(len(zeros)) {
+		n := min(int64(len(zeros)), p.size-off)
+		if _, err := f.WriteAt(zeros[:n], off); err != nil {
+			f.Close()
+			os.Remove(p.path())
+			return err
+		}
+	}
+	err = f.Sync()
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		os.Remove(p.path())
+	}
+	return err
+}
+
+// request starts making a spare unless one is ready or being made.
+func (p *preparer) request() {
+	if p.busy || p.have {
+		return
+	}
+	p.busy = true
+	p.req <- struct{}{}
+}
+
+// take returns the path of a ready spare, or "" when none is ready now.
+func (p *preparer) take() (string, error) {
+	if p.busy {
+		select {
+		case err := <-p.done:
+			p.busy = false
+			if err != nil {
+				return "", fmt.Errorf("prepare a segment: %w", err)
+			}
+			p.have = true
+		default:
+		}
+	}
+	if !p.have {
+		return "", nil
+	}
+	p.have = false
+	return p.path(), nil
+}
+
+func (p *preparer) close() {
+	close(p.quit)
+	<-p.exit
+	os.Remove(p.path())
+}
+
+// allZero reports whether the bytes of f from off to its end are all zero:
+// the unused tail of a preallocated segment.
+func allZero(f *os.File, off, size int64) (bool, error) {
+	buf := make([]byte, 1<<20)
+	zero := make([]byte, len(buf))
+	for off < size {
+		n, err := f.ReadAt(buf[:min(int64(len(buf)), size-off)], off)
+		if n > 0 && !bytes.Equal(buf[:n], zero[:n]) {
+			return false, nil
+		}
+		off += int64(n)
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return false, err
+		}
+	}
+	return true, nil
+}
