@@ -44,7 +44,7 @@ type Store struct {
 	// store's state. Lock order: mu, then segMu.
 	mu      sync.Mutex
 	idx     *index
-	pending map[msgID]queued // saves queued and not yet applied
+	pending map[msgID]queued // records queued and not yet applied, by id
 	q       writeQueue       // records for the writer
 	batch   *batch           // the callers waiting for q
 	failed  error            // set after a failure the store cannot undo: refuse writes
@@ -116,7 +116,6 @@ func Open(opts Options, log *zap.Logger) (*Store, error) {
 	os.Remove(filepath.Join(opts.Dir, spareName)) // left by a run that stopped
 	if opts.Sync != SyncNever {
 		s.prep = newPreparer(opts.Dir, opts.SegmentSize)
-		s.prep.request()
 	}
 	if err := s.recover(); err != nil {
 		if s.prep != nil {
@@ -204,16 +203,21 @@ func (s *Store) roll() error {
 	}
 	if s.active != nil {
 		// The zeros after the last record are of no use in a closed segment.
+		// What the segment holds must be durable before the log goes on: a
+		// failure here is one the store cannot take back.
 		if err := s.active.f.Truncate(s.activeSize); err != nil {
+			s.fail(fmt.Errorf("truncate %s: %w", s.active.f.Name(), err))
 			return err
 		}
 		if s.dirty || s.prep != nil {
 			if err := s.active.f.Sync(); err != nil {
+				s.fail(fmt.Errorf("fsync %s: %w", s.active.f.Name(), err))
 				return err
 			}
 			s.dirty = false
 		}
 	}
+	path := segmentPath(s.opts.Dir, next)
 	var seg *segment
 	if s.prep != nil {
 		spare, err := s.prep.take()
@@ -221,14 +225,14 @@ func (s *Store) roll() error {
 			s.log.Warn("file store: no preallocated segment", zap.Error(err))
 		}
 		if spare != "" {
-			if err := os.Rename(spare, segmentPath(s.opts.Dir, next)); err != nil {
+			if err := os.Rename(spare, path); err != nil {
 				return err
 			}
 			if seg, err = openSegment(s.opts.Dir, next, false); err != nil {
+				os.Remove(path)
 				return err
 			}
 		}
-		defer s.prep.request()
 	}
 	if seg == nil {
 		var err error
@@ -238,6 +242,7 @@ func (s *Store) roll() error {
 	}
 	if err := syncDir(s.opts.Dir); err != nil {
 		seg.f.Close()
+		os.Remove(path) // the next roll creates it again
 		return err
 	}
 	s.segMu.Lock()
@@ -302,11 +307,19 @@ func (s *Store) run() {
 		defer t.Stop()
 		tick = t.C
 	}
+	// Space is reclaimed after writes, and now and then when there are
+	// none: finishing messages is a write too, but a store that was just
+	// opened may hold finished segments.
+	idle := time.NewTicker(time.Second)
+	defer idle.Stop()
 	for {
 		select {
 		case <-s.wake:
 		case <-tick:
 			s.syncIfDirty()
+			continue
+		case <-idle.C:
+			s.maintain()
 			continue
 		case <-s.stop:
 			s.flush()
@@ -370,7 +383,7 @@ func (s *Store) flush() {
 	s.lastBatch, s.lastWrite = b.n, time.Since(start)
 	s.mu.Lock()
 	for i := range w.recs {
-		if w.recs[i].kind == recSave {
+		if q, ok := s.pending[w.recs[i].id]; ok && q.b == b {
 			delete(s.pending, w.recs[i].id)
 		}
 	}
@@ -387,6 +400,8 @@ func (s *Store) write(w *writeQueue) (int, error) {
 	recs, sizes := w.recs, w.sizes
 	positions := w.positions[:0]
 	written, off := 0, 0
+	synced := 0 // records made durable by a roll
+	rollFailed := false
 	var err error
 	for written < len(recs) {
 		// The run of records that fit in the active segment; a record
@@ -399,8 +414,10 @@ func (s *Store) write(w *writeQueue) (int, error) {
 		if end == written {
 			if err = s.roll(); err != nil {
 				err = fmt.Errorf("start segment: %w", err)
+				rollFailed = true
 				break
 			}
+			synced = written
 			continue
 		}
 		if _, err = s.active.f.WriteAt(w.buf[off:off+n], s.activeSize); err != nil {
@@ -414,20 +431,23 @@ func (s *Store) write(w *writeQueue) (int, error) {
 		s.dirty = true
 		off += n
 		written = end
+		if s.prep != nil && s.activeSize > s.opts.SegmentSize/2 {
+			s.prep.request() // the next segment, ready before it is needed
+		}
 	}
 	w.positions = positions
-	if written > 0 && s.opts.Sync == SyncAlways {
+	if rollFailed && s.opts.Sync == SyncAlways {
+		// What this batch wrote since the last good roll was never
+		// fsynced, and the store has stopped taking writes.
+		written = synced
+	}
+	if written > synced && s.opts.Sync == SyncAlways {
 		if serr := s.active.f.Sync(); serr != nil {
 			// After a failed fsync the kernel may have dropped the dirty
 			// pages: nothing written since the last good fsync can be
 			// trusted, and the store stops taking writes.
 			s.fail(fmt.Errorf("fsync %s: %w", s.active.f.Name(), serr))
-			// Records in segments rolled before were synced by the roll.
-			kept := 0
-			for kept < written && positions[kept].seg != s.active.id {
-				kept++
-			}
-			written, err = kept, serr
+			written, err = synced, serr
 		} else {
 			s.dirty = false
 		}
@@ -480,9 +500,9 @@ func (w *writeQueue) reset() {
 // writes.
 func (s *Store) undoWrite(werr error) error {
 	if terr := s.active.f.Truncate(s.activeSize); terr != nil {
-		s.fail(fmt.Errorf("write %s: %v; truncate after it: %w", s.active.f.Name(), werr, terr))
+		s.fail(fmt.Errorf("append to the log: %v; then truncate: %w", werr, terr))
 	}
-	return fmt.Errorf("write %s: %w", s.active.f.Name(), werr)
+	return fmt.Errorf("append to the log: %w", werr)
 }
 
 func (s *Store) fail(err error) {
@@ -612,25 +632,37 @@ func (s *Store) change(ctx context.Context, op, idStr string, decide func(e entr
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("file store: %s: %w", op, err)
 	}
-	s.mu.Lock()
-	if err := s.writableLocked(op); err != nil {
+	for {
+		s.mu.Lock()
+		if err := s.writableLocked(op); err != nil {
+			s.mu.Unlock()
+			return err
+		}
+		var e entry
+		ok := false
+		if valid {
+			if other, busy := s.pending[id]; busy {
+				// A record of this id is queued and not applied yet: decide
+				// on the state after it, not before.
+				s.mu.Unlock()
+				if err := s.wait(ctx, op+" "+idStr, other.b, other.i); err != nil && ctx.Err() != nil {
+					return err
+				}
+				continue
+			}
+			e, ok = s.idx.entries[id]
+		}
+		r, err := decide(e, ok)
+		if err != nil || r == nil {
+			s.mu.Unlock()
+			return err
+		}
+		r.id = id
+		b, i := s.enqueueLocked(r)
+		s.pending[id] = queued{b, i}
 		s.mu.Unlock()
-		return err
+		return s.wait(ctx, op+" "+idStr, b, i)
 	}
-	var e entry
-	ok := false
-	if valid {
-		e, ok = s.idx.entries[id]
-	}
-	r, err := decide(e, ok)
-	if err != nil || r == nil {
-		s.mu.Unlock()
-		return err
-	}
-	r.id = id
-	b, i := s.enqueueLocked(r)
-	s.mu.Unlock()
-	return s.wait(ctx, op+" "+idStr, b, i)
 }
 
 // Commit marks an uncommitted message committed and due now.

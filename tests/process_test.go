@@ -2,14 +2,17 @@ package tests
 
 import (
 	"bytes"
+	"fmt"
 	"net"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
 
+	client "github.com/kiteq/kiteq/client-go"
 	"github.com/kiteq/kiteq/registry/binding"
 )
 
@@ -100,5 +103,108 @@ func TestProcessBadFlags(t *testing.T) {
 	}
 	if !strings.Contains(string(out), "unknown store") || !strings.Contains(string(out), "memory://") {
 		t.Fatalf("error does not name the accepted stores:\n%s", out)
+	}
+}
+
+// startKiteq runs the kiteq binary with args and waits until it listens.
+// The returned channel is closed when the process has exited.
+func startKiteq(t *testing.T, bin, addr string, args ...string) (*exec.Cmd, *syncBuffer, chan struct{}) {
+	t.Helper()
+	stderr := &syncBuffer{}
+	cmd := exec.Command(bin, append([]string{"-bind=" + addr, "-pport=0"}, args...)...)
+	cmd.Stderr = stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	go func() {
+		cmd.Wait()
+		close(exited)
+	}()
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		<-exited
+	})
+	eventually(t, 10*time.Second, "broker listening", func() bool {
+		c, err := net.Dial("tcp", addr)
+		if err == nil {
+			c.Close()
+		}
+		return err == nil
+	})
+	return cmd, stderr, exited
+}
+
+// syncBuffer is a bytes.Buffer that a process writes while the test reads.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// TestProcessFileStoreSurvivesSIGKILL: on the file store, messages that
+// were acknowledged before the broker was killed with SIGKILL, and the
+// persistent binding of a group that was offline, are there after a
+// restart: the group receives every message once it connects.
+func TestProcessFileStoreSurvivesSIGKILL(t *testing.T) {
+	bin := buildKiteq(t)
+	addr := freePort(t)
+	db := "-db=file://" + t.TempDir()
+	cmd, stderr, exited := startKiteq(t, bin, addr, db)
+
+	// The consumer binds persistently, then goes away.
+	binder := newRecorder("binder")
+	c := client.NewKiteQClient("static://"+addr, "g", "secret", binder)
+	c.SetBindings([]*binding.Binding{binding.Bind_Direct("g", "trade", "pay-succ", 100, true)})
+	if err := c.Start(); err != nil {
+		t.Fatal(err)
+	}
+	c.Destroy()
+
+	producer := client.NewKiteQClient("static://"+addr, "p", "secret", newRecorder("p"))
+	producer.SetTopics([]string{"trade"})
+	if err := producer.Start(); err != nil {
+		t.Fatal(err)
+	}
+	var ids []string
+	for i := range 50 {
+		m := newMessage("trade", "pay-succ", fmt.Sprintf("kept #%d", i))
+		if err := producer.SendStringMessage(m); err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, m.GetHeader().GetMessageId())
+	}
+	producer.Destroy()
+
+	cmd.Process.Signal(syscall.SIGKILL)
+	<-exited
+	_, stderr, _ = startKiteq(t, bin, addr, db)
+
+	rec := newRecorder("c")
+	startClient(t, "static://"+addr, "g", rec, nil, binding.Bind_Direct("g", "trade", "pay-succ", 100, true))
+	eventually(t, 15*time.Second, "every message after the restart", func() bool {
+		for _, id := range ids {
+			if rec.count(id) == 0 {
+				return false
+			}
+		}
+		return true
+	})
+	if len(binder.snapshot()) != 0 {
+		t.Fatalf("the offline consumer got %d messages before the kill", len(binder.snapshot()))
+	}
+	if !strings.Contains(stderr.String(), `"live":50`) {
+		t.Fatalf("the restarted store did not report 50 live messages:\n%s", stderr.String())
 	}
 }
