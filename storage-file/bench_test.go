@@ -30,24 +30,41 @@ func benchDir(b *testing.B) string {
 	return b.TempDir()
 }
 
-// BenchmarkDiskFsync is the disk's own latency for appending 512 bytes and
-// fsyncing, the bound of one synchronous saver.
+// BenchmarkDiskFsync is the disk's own latency for writing 512 bytes and
+// fsyncing: appended to a growing file (the bound of one synchronous
+// saver), and written over blocks that already exist (what a preallocated
+// segment costs).
 func BenchmarkDiskFsync(b *testing.B) {
-	f, err := os.Create(filepath.Join(benchDir(b), "probe"))
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer f.Close()
-	buf := make([]byte, 512)
-	b.SetBytes(512)
-	b.ResetTimer()
-	for range b.N {
-		if _, err := f.Write(buf); err != nil {
-			b.Fatal(err)
-		}
-		if err := f.Sync(); err != nil {
-			b.Fatal(err)
-		}
+	for _, mode := range []string{"append", "overwrite"} {
+		b.Run(mode, func(b *testing.B) {
+			f, err := os.Create(filepath.Join(benchDir(b), "probe"))
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer f.Close()
+			buf := make([]byte, 512)
+			if mode == "overwrite" {
+				zeros := make([]byte, 1<<20)
+				for range 64 {
+					f.Write(zeros)
+				}
+				f.Sync()
+			}
+			b.SetBytes(512)
+			b.ResetTimer()
+			for i := range b.N {
+				off := int64(i) * 512 // append: the file grows
+				if mode == "overwrite" {
+					off = int64(i%(128<<10)) * 512
+				}
+				if _, err := f.WriteAt(buf, off); err != nil {
+					b.Fatal(err)
+				}
+				if err := f.Sync(); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
 	}
 }
 

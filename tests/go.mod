@@ -15,6 +15,7 @@ require (
 
 require (
 	github.com/kiteq/kiteq/storage v0.0.0-00010101000000-000000000000 // indirect
+	github.com/kiteq/kiteq/storage-file v0.0.0-00010101000000-000000000000 // indirect
 	go.uber.org/dig v1.19.0 // indirect
 	go.uber.org/multierr v1.10.0 // indirect
 	golang.org/x/sys v0.0.0-20220412211240-33da011f77ad // indirect
@@ -27,3 +28,5 @@ replace (
 	github.com/kiteq/kiteq/registry => ../registry
 	github.com/kiteq/kiteq/storage => ../storage
 )
+
+replace github.com/kiteq/kiteq/storage-file => ../storage-file
