@@ -29,6 +29,7 @@ type preparer struct {
 	done chan error    // the spare is ready, or why not
 	busy bool          // a spare is being made
 	have bool          // a spare is ready
+	err  error         // why the last spare could not be made
 	quit chan struct{}
 	exit chan struct{}
 }
@@ -88,20 +89,28 @@ func (p *preparer) request() {
 	p.req <- struct{}{}
 }
 
-// take returns the path of a ready spare, or "" when none is ready now.
-func (p *preparer) take() (string, error) {
+// ready reports whether a spare can be taken now.
+func (p *preparer) ready() bool {
 	if p.busy {
 		select {
 		case err := <-p.done:
 			p.busy = false
-			if err != nil {
-				return "", fmt.Errorf("prepare a segment: %w", err)
-			}
-			p.have = true
+			p.have = err == nil
+			p.err = err
 		default:
 		}
 	}
-	if !p.have {
+	return p.have
+}
+
+// take returns the path of a ready spare, or "" when none is ready now.
+func (p *preparer) take() (string, error) {
+	if !p.ready() {
+		err := p.err
+		p.err = nil
+		if err != nil {
+			return "", fmt.Errorf("prepare a segment: %w", err)
+		}
 		return "", nil
 	}
 	p.have = false

@@ -63,10 +63,14 @@ type Store struct {
 	dirty      bool      // written since the last fsync
 	compactAt  int64     // next offset to look at in the oldest segment
 	prep       *preparer // nil with fsync=never
-	lastMaint  time.Time
-	lastBatch  int           // records in the last batch written
-	lastWrite  time.Duration // how long writing it took
-	maintErr   error         // a segment could not be deleted: delete no more
+	// preallocated: the active segment came full of zeros. When it did not
+	// (a new store, a repaired tail), the writer moves to a spare as soon
+	// as one is ready.
+	preallocated bool
+	lastMaint    time.Time
+	lastBatch    int           // records in the last batch written
+	lastWrite    time.Duration // how long writing it took
+	maintErr     error         // a segment could not be deleted: delete no more
 
 	wake chan struct{}
 	stop chan struct{}
@@ -124,6 +128,9 @@ func Open(opts Options, log *zap.Logger) (*Store, error) {
 		s.closeFiles()
 		return nil, fmt.Errorf("file store: %s: %w", opts.Dir, err)
 	}
+	if s.prep != nil && !s.preallocated {
+		s.prep.request()
+	}
 	go s.run()
 	return s, nil
 }
@@ -139,6 +146,7 @@ func (s *Store) recover() error {
 	records := 0
 	var truncated []zap.Field
 	var bytes int64
+	lastZeroTail := false
 	for _, id := range ids {
 		seg, err := openSegment(s.opts.Dir, id, false)
 		if err != nil {
@@ -151,6 +159,7 @@ func (s *Store) recover() error {
 			return fmt.Errorf("read %s: %w", seg.f.Name(), err)
 		}
 		records += res.records
+		lastZeroTail = res.zeroTail && res.bad == nil
 		if res.bad != nil {
 			// Never leave unreadable bytes behind the last good record:
 			// the next append would follow them.
@@ -180,6 +189,7 @@ func (s *Store) recover() error {
 	} else {
 		last := s.segIDs[len(s.segIDs)-1]
 		s.active, s.activeSize = s.segs[last], s.idx.seg(last).size
+		s.preallocated = lastZeroTail
 	}
 	fields := []zap.Field{
 		zap.String("dir", s.opts.Dir), zap.Stringer("fsync", s.opts.Sync), zap.Int("segments", len(s.segIDs)),
@@ -234,6 +244,7 @@ func (s *Store) roll() error {
 			}
 		}
 	}
+	s.preallocated = seg != nil
 	if seg == nil {
 		var err error
 		if seg, err = openSegment(s.opts.Dir, next, true); err != nil {
@@ -403,6 +414,11 @@ func (s *Store) write(w *writeQueue) (int, error) {
 	synced := 0 // records made durable by a roll
 	rollFailed := false
 	var err error
+	if s.prep != nil && !s.preallocated && s.activeSize > 0 && s.prep.ready() {
+		if err := s.roll(); err != nil {
+			return 0, fmt.Errorf("start segment: %w", err)
+		}
+	}
 	for written < len(recs) {
 		// The run of records that fit in the active segment; a record
 		// larger than a segment gets a segment of its own.
