@@ -257,10 +257,13 @@ func buildLog(t *testing.T, dir string, mutate func(*Options), rng *rand.Rand, n
 	return ops, names, data, recs
 }
 
-// repairOptions: the segment size of the single-segment repair tests,
-// small so that a preallocated spare segment costs little, and large
-// enough for their whole log.
-func repairOptions(o *Options) { o.SegmentSize = 64 << 10 }
+// repairOptions: one segment large enough for the whole log of the
+// single-segment repair tests. fsync=never, so the store does not move to
+// a preallocated spare segment; the tests put zero tails in themselves.
+func repairOptions(o *Options) {
+	o.SegmentSize = 64 << 10
+	o.Sync = SyncNever
+}
 
 // TestRepairTruncatedTail cuts the only segment at every byte of its last
 // six records, and at a sample of offsets before them: Open keeps every
