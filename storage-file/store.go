@@ -47,8 +47,11 @@ type Store struct {
 	pending map[msgID]queued // records queued and not yet applied, by id
 	q       writeQueue       // records for the writer
 	batch   *batch           // the callers waiting for q
-	failed  error            // set after a failure the store cannot undo: refuse writes
-	closed  bool
+	// gatherTarget: the writer is gathering a batch of this many records
+	// and wants to be woken only when it is full (0: at every record).
+	gatherTarget int
+	failed       error // set after a failure the store cannot undo: refuse writes
+	closed       bool
 
 	// segMu keeps a segment file open while it is read; the writer takes it
 	// exclusively to delete a segment.
@@ -274,9 +277,11 @@ func (s *Store) enqueueLocked(r *record) (*batch, int) {
 	b := s.batch
 	i := b.n
 	b.n++
-	select {
-	case s.wake <- struct{}{}:
-	default:
+	if s.gatherTarget == 0 || b.n >= s.gatherTarget {
+		select {
+		case s.wake <- struct{}{}:
+		default:
+		}
 	}
 	return b, i
 }
@@ -347,30 +352,38 @@ func (s *Store) run() {
 // the last write released are about to queue their next records; writing
 // before they have would split them into two batches and two fsyncs. So
 // the writer waits until the queue holds as many records as the last batch
-// had, or until half the time the last write took has passed.
+// had, or until as long as the last write took has passed. Callers wake it
+// once, when the batch is full, not at every record.
 func (s *Store) gather() {
 	if s.lastBatch <= 1 {
 		return
 	}
-	wait := min(s.lastWrite/2, maxGather)
-	var deadline <-chan time.Time
-	for {
-		s.mu.Lock()
-		n := s.batch.n
+	s.mu.Lock()
+	if s.batch.n >= s.lastBatch {
 		s.mu.Unlock()
-		if n >= s.lastBatch {
-			return
-		}
-		if deadline == nil {
-			t := time.NewTimer(wait)
-			defer t.Stop()
-			deadline = t.C
-		}
+		return
+	}
+	s.gatherTarget = s.lastBatch
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		s.gatherTarget = 0
+		s.mu.Unlock()
+	}()
+	t := time.NewTimer(min(s.lastWrite, maxGather))
+	defer t.Stop()
+	for {
 		select {
 		case <-s.wake:
-		case <-deadline:
+		case <-t.C:
 			return
 		case <-s.stop:
+			return
+		}
+		s.mu.Lock()
+		full := s.batch.n >= s.lastBatch
+		s.mu.Unlock()
+		if full {
 			return
 		}
 	}
