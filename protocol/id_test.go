@@ -123,9 +123,6 @@ func TestMessageIdUniqueAcrossProcesses(t *testing.T) {
 		}
 		return
 	}
-	if testing.Short() {
-		t.Skip("starts child processes")
-	}
 
 	const children = 4
 	outs := make([][]byte, children)

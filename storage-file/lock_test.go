@@ -66,9 +66,6 @@ func TestLockSameProcess(t *testing.T) {
 // dies — killed, without Close: the kernel drops the lock with the process,
 // so a crashed broker never blocks its restart.
 func TestLockOtherProcess(t *testing.T) {
-	if os.Getenv(lockEnv) != "" {
-		t.Skip("in the lock child")
-	}
 	dir := t.TempDir()
 
 	// This process holds the directory; a child tries it.
@@ -130,13 +127,13 @@ func firstLine(out, prefix string) string {
 	return ""
 }
 
-// TestLockChild is the child of TestLockOtherProcess; it does nothing in a
+// TestLockChild is the child of TestLockOtherProcess; TestMain leaves it out
 // plain test run. "try" opens the directory and reports the outcome;
 // "hold" opens it and keeps it until stdin closes.
 func TestLockChild(t *testing.T) {
-	mode, dir, ok := strings.Cut(os.Getenv(lockEnv), ":")
+	mode, dir, ok := strings.Cut(os.Getenv(lockEnv), ":") // TestMain runs this only as a child
 	if !ok {
-		t.Skip("run by TestLockOtherProcess")
+		t.Fatalf("%s=%q: want mode:dir", lockEnv, os.Getenv(lockEnv))
 	}
 	s, err := Open(DefaultOptions(dir), nil)
 	if err != nil {
