@@ -128,7 +128,7 @@ func firstLine(out, prefix string) string {
 }
 
 // TestLockChild is the child of TestLockOtherProcess; TestMain leaves it out
-// plain test run. "try" opens the directory and reports the outcome;
+// of a plain run. "try" opens the directory and reports the outcome;
 // "hold" opens it and keeps it until stdin closes.
 func TestLockChild(t *testing.T) {
 	mode, dir, ok := strings.Cut(os.Getenv(lockEnv), ":") // TestMain runs this only as a child
