@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"slices"
 	"sync"
 	"time"
 )
@@ -30,62 +31,49 @@ type pick struct {
 	s *session
 }
 
-// enqueue offers d to the group; it goes out now if the group has room.
-func (g *group) enqueue(d *delivery) {
+// change runs fn under the group's lock, then sends whatever the group can
+// send after it: every change of queue, room or consumers goes through here.
+func (g *group) change(fn func()) {
 	g.mu.Lock()
-	g.queue = append(g.queue, d)
+	fn()
 	picks, skipped := g.pumpLocked()
 	g.mu.Unlock()
 	g.send(picks, skipped)
+}
+
+// enqueue offers d to the group; it goes out now if the group has room.
+func (g *group) enqueue(d *delivery) {
+	g.change(func() { g.queue = append(g.queue, d) })
 }
 
 // requeue puts deliveries that lost their connection back at the head of
 // the queue, so they go to another consumer at once.
 func (g *group) requeue(ds []*delivery) {
-	g.mu.Lock()
-	g.inflight -= len(ds)
-	g.queue = append(append(make([]*delivery, 0, len(ds)+len(g.queue)), ds...), g.queue...)
-	picks, skipped := g.pumpLocked()
-	g.mu.Unlock()
-	g.send(picks, skipped)
+	g.change(func() {
+		g.inflight -= len(ds)
+		g.queue = append(append(make([]*delivery, 0, len(ds)+len(g.queue)), ds...), g.queue...)
+	})
 }
 
 // done ends an in-flight delivery and lets the next one out.
 func (g *group) done() {
-	g.mu.Lock()
-	g.inflight--
-	picks, skipped := g.pumpLocked()
-	g.mu.Unlock()
-	g.send(picks, skipped)
+	g.change(func() { g.inflight-- })
 }
 
 func (g *group) addSession(s *session) {
-	g.mu.Lock()
-	g.sessions = append(g.sessions, s)
-	picks, skipped := g.pumpLocked()
-	g.mu.Unlock()
-	g.send(picks, skipped)
+	g.change(func() { g.sessions = append(g.sessions, s) })
 }
 
 func (g *group) removeSession(s *session) {
-	g.mu.Lock()
-	for i, x := range g.sessions {
-		if x == s {
-			g.sessions = append(g.sessions[:i], g.sessions[i+1:]...)
-			break
+	g.change(func() {
+		if i := slices.Index(g.sessions, s); i >= 0 {
+			g.sessions = slices.Delete(g.sessions, i, i+1)
 		}
-	}
-	picks, skipped := g.pumpLocked()
-	g.mu.Unlock()
-	g.send(picks, skipped)
+	})
 }
 
 func (g *group) setWatermark(w int) {
-	g.mu.Lock()
-	g.watermark = w
-	picks, skipped := g.pumpLocked()
-	g.mu.Unlock()
-	g.send(picks, skipped)
+	g.change(func() { g.watermark = w })
 }
 
 // pumpLocked takes deliveries off the queue while the group has room and
