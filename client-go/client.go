@@ -235,9 +235,15 @@ func (c *KiteQClient) start() error {
 	c.mu.Unlock()
 
 	if err := c.publish(ctx, disc, bindings); err != nil {
+		if ctx.Err() != nil {
+			return fmt.Errorf("kiteq: start: %w", ErrClosed)
+		}
 		return err
 	}
 	if err := c.watch(ctx, disc, topics); err != nil {
+		if ctx.Err() != nil {
+			return fmt.Errorf("kiteq: start: %w", ErrClosed)
+		}
 		return err
 	}
 
@@ -331,8 +337,16 @@ func (c *KiteQClient) watch(ctx context.Context, disc registry.Discovery, topics
 		err   error
 	}
 	results := make(chan result, len(topics))
+	// Add under c.mu, as setBrokers does: either before Destroy's Wait or
+	// not at all.
+	c.mu.Lock()
+	if c.state == stateClosed {
+		c.mu.Unlock()
+		return fmt.Errorf("kiteq: start: %w", ErrClosed)
+	}
+	c.wg.Add(len(topics))
+	c.mu.Unlock()
 	for _, t := range topics {
-		c.wg.Add(1)
 		go func() {
 			defer c.wg.Done()
 			var once sync.Once

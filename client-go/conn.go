@@ -50,7 +50,9 @@ func (b *broker) run() {
 	failures := 0
 	for {
 		cn, err := b.connect()
-		report(err)
+		if err != nil {
+			report(err)
+		}
 		if b.ctx.Err() != nil {
 			if cn != nil {
 				cn.close(ErrClosed)
@@ -60,11 +62,12 @@ func (b *broker) run() {
 		}
 		if err != nil {
 			failures++
-			if failures == 1 {
+			refused := errors.Is(err, ErrAuth) || errors.Is(err, ErrBindingsRefused)
+			if failures == 1 || refused {
 				b.c.logf("connect to %s failed, retrying in the background: %v", b.addr, err)
 			}
 			delay := bo.next()
-			if errors.Is(err, ErrAuth) || errors.Is(err, ErrBindingsRefused) {
+			if refused {
 				delay = maxBackoff // a refusal will not go away soon: do not hammer
 			}
 			if !sleep(b.ctx, delay) {
@@ -80,6 +83,7 @@ func (b *broker) run() {
 
 		b.cur.Store(cn)
 		b.c.notifyReady()
+		report(nil) // Start returns once the connection can be used
 		err = b.serve(cn)
 		b.cur.Store(nil)
 		cn.close(err)
@@ -93,6 +97,13 @@ func (b *broker) run() {
 		}
 	}
 }
+
+// monoBase anchors monoNow: durations since it use the monotonic clock, so
+// a step of the wall clock neither drops live connections nor keeps dead
+// ones.
+var monoBase = time.Now()
+
+func monoNow() int64 { return int64(time.Since(monoBase)) }
 
 // serve keeps cn alive with heartbeats until it closes, goes idle for the
 // heartbeat timeout, or the broker is stopped.
@@ -108,8 +119,8 @@ func (b *broker) serve(cn *conn) error {
 			return cn.err
 		case <-b.ctx.Done():
 			return ErrClosed
-		case now := <-check.C:
-			if idle := now.Sub(time.Unix(0, cn.lastRead.Load())); idle > c.hbTimeout {
+		case <-check.C:
+			if idle := time.Duration(monoNow() - cn.lastRead.Load()); idle > c.hbTimeout {
 				return fmt.Errorf("nothing read for %v", idle.Round(time.Millisecond))
 			}
 		case now := <-beat.C:
@@ -209,7 +220,7 @@ type conn struct {
 	rd     *protocol.Reader
 	opaque atomic.Uint32
 
-	lastRead atomic.Int64 // unix nanoseconds
+	lastRead atomic.Int64 // monoNow() of the last read
 
 	wmu  sync.Mutex
 	wbuf []byte        // packets waiting for the writer
@@ -236,7 +247,7 @@ func newConn(c *KiteQClient, addr string, nc net.Conn) *conn {
 		pending: map[uint32]chan *protocol.Packet{},
 		closed:  make(chan struct{}),
 	}
-	cn.lastRead.Store(time.Now().UnixNano())
+	cn.lastRead.Store(monoNow())
 	return cn
 }
 
@@ -263,7 +274,7 @@ func (cn *conn) authenticate() (*protocol.ConnAuthAck, error) {
 	if err := p.DecodeInto(ack); err != nil {
 		return nil, err
 	}
-	cn.lastRead.Store(time.Now().UnixNano())
+	cn.lastRead.Store(monoNow())
 	return ack, nil
 }
 
@@ -295,7 +306,7 @@ func (cn *conn) readLoop() {
 			cn.close(fmt.Errorf("read: %w", err))
 			return
 		}
-		cn.lastRead.Store(time.Now().UnixNano())
+		cn.lastRead.Store(monoNow())
 		switch p.Cmd {
 		case protocol.CmdMessageStoreAck, protocol.CmdBindingsAck, protocol.CmdHeartbeat:
 			cn.complete(p)

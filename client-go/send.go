@@ -130,15 +130,25 @@ func (c *KiteQClient) sendDecision(cn *conn, r *route, ack *protocol.TxACKPacket
 	if !errors.Is(err, errConnClosed) {
 		return wrapDecisionErr(id, status, err)
 	}
+	// Only the broker that stored the message can decide it: wait for its
+	// next connection, not for any broker of the topic.
+	c.mu.Lock()
+	b := c.brokers[cn.addr]
+	c.mu.Unlock()
+	if b == nil {
+		return wrapDecisionErr(id, status, fmt.Errorf("broker %s no longer serves topic %q: %w", cn.addr, r.topic, ErrNoBroker))
+	}
+	same := &route{topic: r.topic}
+	same.brokers.Store(&[]*broker{b})
 	timer := time.NewTimer(c.timeout())
 	defer timer.Stop()
 	for {
-		cn, err := c.waitConn(r, timer.C)
+		cn, err := c.waitConn(same, timer.C)
 		switch {
 		case errors.Is(err, ErrClosed):
 			return wrapDecisionErr(id, status, ErrClosed)
 		case err != nil:
-			return wrapDecisionErr(id, status, fmt.Errorf("no broker of topic %q ready within %v: %w", r.topic, c.timeout(), ErrNoBroker))
+			return wrapDecisionErr(id, status, fmt.Errorf("broker %s not back within %v: %w", b.addr, c.timeout(), ErrNoBroker))
 		}
 		if err := cn.writeMsg(cn.nextOpaque(), protocol.CmdTxAck, ack); !errors.Is(err, errConnClosed) {
 			return wrapDecisionErr(id, status, err)
@@ -241,7 +251,7 @@ func (c *KiteQClient) store(cmd protocol.CmdType, msg protocol.Message) (*conn, 
 		}
 		ack := &protocol.MessageStoreAck{}
 		if err := decodeResponse(p, ack); err != nil {
-			return nil, fmt.Errorf("kiteq: send %s: bad store ack from %s: %w", id, cn.addr, err)
+			return nil, fmt.Errorf("kiteq: send %s: bad store ack from %s, outcome unknown: %w: %w", id, cn.addr, ErrTimeout, err)
 		}
 		if !ack.GetStatus() {
 			return nil, &StoreError{MessageId: id, Feedback: ack.GetFeedback()}
