@@ -23,7 +23,12 @@ const compactChunk = 4 << 20
 // Only the oldest segment is ever deleted, so a tombstone is never deleted
 // before the record it finishes.
 func (s *Store) maintain() {
-	if s.maintErr != nil || time.Since(s.lastMaint) < maintainEvery {
+	s.mu.Lock()
+	failed := s.failed
+	s.mu.Unlock()
+	if failed != nil || s.maintErr != nil || time.Since(s.lastMaint) < maintainEvery {
+		// After a failure the log may hold a hole that ends it at the
+		// next open: nothing may be copied behind it nor deleted.
 		return
 	}
 	s.lastMaint = time.Now()

@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"syscall"
 )
 
 // With fsync=always or interval, segments are preallocated: written full of
@@ -57,6 +58,15 @@ func (p *preparer) run() {
 
 // make writes the spare: zeros, fsynced, so that its blocks exist on disk.
 func (p *preparer) make() error {
+	// Never take the room that appends need: a spare is made only when
+	// the disk has room for it and for one more segment.
+	var st syscall.Statfs_t
+	if err := syscall.Statfs(p.dir, &st); err != nil {
+		return err
+	}
+	if free := int64(st.Bavail) * st.Bsize; free < 2*p.size {
+		return fmt.Errorf("%d bytes free, too few for a spare segment of %d", free, p.size)
+	}
 	f, err := os.OpenFile(p.path(), os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
 	if err != nil {
 		return err

@@ -19,6 +19,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"path/filepath"
 	"sync"
@@ -397,13 +398,19 @@ func (s *Store) flush() {
 	s.mu.Lock()
 	w, b := s.q, s.batch
 	s.q, s.batch = s.spare, newBatch()
+	failed := s.failed
 	s.mu.Unlock()
 	if b.n == 0 {
 		s.spare = w
 		return
 	}
 	start := time.Now()
-	b.ok, b.err = s.write(&w)
+	if failed != nil {
+		// Queued before the failure: nothing more goes to the log.
+		b.ok, b.err = 0, fmt.Errorf("refusing writes after a failure: %w", failed)
+	} else {
+		b.ok, b.err = s.write(&w)
+	}
 	s.lastBatch, s.lastWrite = b.n, time.Since(start)
 	s.mu.Lock()
 	for i := range w.recs {
@@ -436,7 +443,13 @@ func (s *Store) write(w *writeQueue) (int, error) {
 		// The run of records that fit in the active segment; a record
 		// larger than a segment gets a segment of its own.
 		n, end := 0, written
-		for end < len(recs) && (s.activeSize+int64(n)+int64(sizes[end]) <= s.opts.SegmentSize || s.activeSize+int64(n) == 0) {
+		// A run never leaves 1 to 7 bytes: too few for a record header,
+		// they would read as a torn record at the next open.
+		for end < len(recs) {
+			if e := s.activeSize + int64(n) + int64(sizes[end]); e != s.opts.SegmentSize &&
+				e > s.opts.SegmentSize-recordHeaderLen && s.activeSize+int64(n) != 0 {
+				break
+			}
 			n += int(sizes[end])
 			end++
 		}
@@ -465,12 +478,14 @@ func (s *Store) write(w *writeQueue) (int, error) {
 		}
 	}
 	w.positions = positions
-	if rollFailed && s.opts.Sync == SyncAlways {
-		// What this batch wrote since the last good roll was never
-		// fsynced, and the store has stopped taking writes.
+	if rollFailed && s.opts.Sync == SyncAlways && s.dirty {
+		// The roll failed before it fsynced what this batch wrote since
+		// the last good roll, and the store has stopped taking writes.
+		// (When it failed later, at the next segment, those records are
+		// on disk: they count, and the callers are told so.)
 		written = synced
 	}
-	if written > synced && s.opts.Sync == SyncAlways {
+	if written > synced && s.opts.Sync == SyncAlways && s.dirty {
 		if serr := s.active.f.Sync(); serr != nil {
 			// After a failed fsync the kernel may have dropped the dirty
 			// pages: nothing written since the last good fsync can be
@@ -621,6 +636,10 @@ func (s *Store) Save(ctx context.Context, m *storage.Message) (bool, error) {
 		return false, err
 	}
 	r.next = truncMillis(m.NextDeliverTime)
+	if len(r.header)+len(r.body) > maxRecordLen-128 {
+		return false, fmt.Errorf("file store: save: %w: message of %d bytes, over the %d-byte record limit",
+			storage.ErrInvalid, len(r.header)+len(r.body), maxRecordLen-128)
+	}
 
 	for {
 		s.mu.Lock()
@@ -789,6 +808,9 @@ func (s *Store) Due(ctx context.Context, q storage.DueQuery) ([]*storage.Message
 	}
 	before := truncMillis(q.Before)
 	after := dueKey{next: truncMillis(q.After.Time)}
+	if q.After.IsZero() {
+		after.next = math.MinInt64 // the beginning, before 1970 too
+	}
 	// Start at the cursor's time and skip the keys at that time whose id is
 	// not above the cursor's: ids order as their hex strings do, and a
 	// cursor id need not be a message id. A cursor between two milliseconds
