@@ -10,7 +10,6 @@ import (
 
 	"go.uber.org/zap"
 
-	"github.com/kiteq/kiteq/protocol"
 	"github.com/kiteq/kiteq/registry/binding"
 	"github.com/kiteq/kiteq/storage"
 )
@@ -417,9 +416,4 @@ func (e *engine) inFlight() int {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	return len(e.flights)
-}
-
-// protocolMessage is the packet body for delivering m.
-func protocolMessage(m *storage.Message) (protocol.CmdType, protocol.Message) {
-	return m.Cmd, m.Protocol()
 }

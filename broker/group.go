@@ -146,10 +146,3 @@ func (g *group) takeExpired(now time.Time) []*delivery {
 	g.queue = kept
 	return out
 }
-
-// depth returns the queued and in-flight deliveries, for stats and tests.
-func (g *group) depth() (queued, inflight int) {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	return len(g.queue), g.inflight
-}

@@ -195,8 +195,7 @@ func (s *session) deliver(d *delivery) bool {
 	}
 	s.inflight[opaque] = &inflightDelivery{d: d, deadline: time.Now().Add(s.srv.opts.DeliverTimeout)}
 	s.mu.Unlock()
-	cmd, msg := protocolMessage(d.f.msg)
-	if !s.send(opaque, cmd, msg) {
+	if !s.send(opaque, d.f.msg.Cmd, d.f.msg.Protocol()) {
 		s.mu.Lock()
 		_, mine := s.inflight[opaque]
 		delete(s.inflight, opaque)

@@ -343,7 +343,7 @@ func TestCleanCloseOfFullPreallocatedSegmentNeedsNoRepair(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		r.next = truncMillis(c.NextDeliverTime)
+		r.next = toMillis(c.NextDeliverTime)
 		if int64(len(appendRecord(nil, r))) == want {
 			m = c
 		}

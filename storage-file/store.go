@@ -635,7 +635,6 @@ func (s *Store) Save(ctx context.Context, m *storage.Message) (bool, error) {
 	if err != nil {
 		return false, err
 	}
-	r.next = truncMillis(m.NextDeliverTime)
 	if len(r.header)+len(r.body) > maxRecordLen-128 {
 		return false, fmt.Errorf("file store: save: %w: message of %d bytes, over the %d-byte record limit",
 			storage.ErrInvalid, len(r.header)+len(r.body), maxRecordLen-128)
@@ -668,9 +667,6 @@ func (s *Store) Save(ctx context.Context, m *storage.Message) (bool, error) {
 		return true, nil
 	}
 }
-
-// truncMillis returns t in unix milliseconds, the store's precision.
-func truncMillis(t time.Time) int64 { return toMillis(t) }
 
 // change validates a state change of id under the lock and queues its
 // record; decide returns the record to write, nil for nothing to do, or an
@@ -745,7 +741,7 @@ func (s *Store) RecordDelivery(ctx context.Context, d storage.DeliveryResult) er
 		if !ok || e.state.dead() {
 			return nil, notFound("record delivery", d.MessageID)
 		}
-		return &record{kind: recDelivery, count: d.DeliverCount, next: truncMillis(d.NextDeliverTime),
+		return &record{kind: recDelivery, count: d.DeliverCount, next: toMillis(d.NextDeliverTime),
 			succ: d.SuccGroups, fail: d.FailGroups}, nil
 	})
 }
@@ -806,8 +802,8 @@ func (s *Store) Due(ctx context.Context, q storage.DueQuery) ([]*storage.Message
 	if q.Kind == storage.DueTxCheck {
 		tree = 1
 	}
-	before := truncMillis(q.Before)
-	after := dueKey{next: truncMillis(q.After.Time)}
+	before := toMillis(q.Before)
+	after := dueKey{next: toMillis(q.After.Time)}
 	if q.After.IsZero() {
 		after.next = math.MinInt64 // the beginning, before 1970 too
 	}
