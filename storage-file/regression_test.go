@@ -243,10 +243,21 @@ func TestNoCompactionOrDeletionAfterFailedFsync(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer devNull.Close()
-	// The next write's pages are lost and its fsync fails.
+	readOnly, err := os.Open(segmentPath(dir, 2))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer readOnly.Close()
+	// The next write's pages are lost and its fsync fails; a direct write
+	// fails (a write with O_DSYNC reports a failed sync as its own error).
 	s.mu.Lock()
 	real := s.active.f
 	s.active.f = devNull
+	var realDirect *os.File
+	if s.direct != nil {
+		realDirect = s.direct.f
+		s.direct.f = readOnly
+	}
 	s.mu.Unlock()
 	z := protocol.MessageId()
 	if _, err := s.Save(ctx, faultMessage(z, true, now, 100)); err == nil {
@@ -259,6 +270,9 @@ func TestNoCompactionOrDeletionAfterFailedFsync(t *testing.T) {
 	time.Sleep(300 * time.Millisecond) // the writer is idle
 	s.mu.Lock()
 	s.active.f = real
+	if realDirect != nil {
+		s.direct.f = realDirect
+	}
 	s.mu.Unlock()
 
 	for start := time.Now(); time.Since(start) < 3500*time.Millisecond; time.Sleep(50 * time.Millisecond) {

@@ -71,10 +71,15 @@ type Store struct {
 	// (a new store, a repaired tail), the writer moves to a spare as soon
 	// as one is ready.
 	preallocated bool
-	lastMaint    time.Time
-	lastBatch    int           // records in the last batch written
-	lastWrite    time.Duration // how long writing it took
-	maintErr     error         // a segment could not be deleted: delete no more
+	// direct writes the active segment with O_DIRECT|O_DSYNC when it is
+	// preallocated and the policy is fsync=always (direct.go); nil when
+	// writes go through the page cache.
+	direct         *directWriter
+	noDirectLogged bool
+	lastMaint      time.Time
+	lastBatch      int           // records in the last batch written
+	lastWrite      time.Duration // how long writing it took
+	maintErr       error         // a segment could not be deleted: delete no more
 
 	wake chan struct{}
 	stop chan struct{}
@@ -192,8 +197,8 @@ func (s *Store) recover() error {
 		}
 	} else {
 		last := s.segIDs[len(s.segIDs)-1]
-		s.active, s.activeSize = s.segs[last], s.idx.seg(last).size
 		s.preallocated = lastZeroTail
+		s.setActive(s.segs[last], s.idx.seg(last).size)
 	}
 	fields := []zap.Field{
 		zap.String("dir", s.opts.Dir), zap.Stringer("fsync", s.opts.Sync), zap.Int("segments", len(s.segIDs)),
@@ -267,8 +272,34 @@ func (s *Store) roll() error {
 	s.idx.seg(next)
 	s.mu.Unlock()
 	s.segIDs = append(s.segIDs, next)
-	s.active, s.activeSize = seg, 0
+	if s.direct != nil {
+		s.direct.close()
+		s.direct = nil
+	}
+	s.setActive(seg, 0)
 	return nil
+}
+
+// setActive makes seg, whose log ends at size, the segment that writes
+// append to, written directly when it can be. Direct I/O is only faster:
+// when the segment cannot be opened for it, writes go through the page
+// cache.
+func (s *Store) setActive(seg *segment, size int64) {
+	s.active, s.activeSize = seg, size
+	if s.opts.Sync != SyncAlways || !s.preallocated || s.opts.SegmentSize%directBlock != 0 {
+		return
+	}
+	d, err := openDirect(seg, size)
+	switch {
+	case err != nil:
+		s.log.Warn("file store: cannot open the segment for direct I/O; writes go through the page cache and fsync",
+			zap.String("segment", seg.f.Name()), zap.Error(err))
+	case d == nil && !s.noDirectLogged:
+		s.noDirectLogged = true
+		s.log.Info("file store: the file system refuses direct I/O; writes go through the page cache and fsync",
+			zap.String("dir", s.opts.Dir))
+	}
+	s.direct = d
 }
 
 // enqueueLocked encodes r into the writer's queue and returns the batch
@@ -354,9 +385,11 @@ func (s *Store) run() {
 // before they have would split them into two batches and two fsyncs. So
 // the writer waits until the queue holds as many records as the last batch
 // had, or until as long as the last write took has passed. Callers wake it
-// once, when the batch is full, not at every record.
+// once, when the batch is full, not at every record. Only with
+// fsync=always: with the other policies a write costs no fsync and the
+// callers do not wait for one, so waiting would only delay them.
 func (s *Store) gather() {
-	if s.lastBatch <= 1 {
+	if s.lastBatch <= 1 || s.opts.Sync != SyncAlways {
 		return
 	}
 	s.mu.Lock()
@@ -462,15 +495,22 @@ func (s *Store) write(w *writeQueue) (int, error) {
 			synced = written
 			continue
 		}
-		if _, err = s.active.f.WriteAt(w.buf[off:off+n], s.activeSize); err != nil {
-			err = s.undoWrite(err)
-			break
+		if s.direct != nil {
+			if err = s.direct.writeAt(w.buf[off:off+n], s.activeSize); err != nil {
+				err = s.undoDirectWrite(err, n)
+				break
+			}
+		} else {
+			if _, err = s.active.f.WriteAt(w.buf[off:off+n], s.activeSize); err != nil {
+				err = s.undoWrite(err)
+				break
+			}
+			s.dirty = true
 		}
 		for i := written; i < end; i++ {
 			positions = append(positions, pos{seg: s.active.id, off: uint32(s.activeSize), size: sizes[i]})
 			s.activeSize += int64(sizes[i])
 		}
-		s.dirty = true
 		off += n
 		written = end
 		if s.prep != nil && s.activeSize > s.opts.SegmentSize/2 {
@@ -549,6 +589,21 @@ func (s *Store) undoWrite(werr error) error {
 	return fmt.Errorf("append to the log: %w", werr)
 }
 
+// undoDirectWrite deals with a failed direct write of n bytes at the end
+// of the log. The write may have reached the disk in part, and its error
+// may be the failure of the sync that O_DSYNC makes: unless it says the
+// disk is full, the store stops taking writes, as after a failed fsync.
+// When it does, the bytes written are zeroed, so that no record of a
+// refused write can reappear at the next open.
+func (s *Store) undoDirectWrite(werr error, n int) error {
+	if !noRoom(werr) {
+		s.fail(fmt.Errorf("write %s: %w", s.active.f.Name(), werr))
+	} else if zerr := s.direct.zero(s.activeSize, n); zerr != nil {
+		s.fail(fmt.Errorf("append to the log: %v; then zero the failed write: %w", werr, zerr))
+	}
+	return fmt.Errorf("append to the log: %w", werr)
+}
+
 func (s *Store) fail(err error) {
 	s.mu.Lock()
 	if s.failed == nil {
@@ -581,6 +636,9 @@ func (s *Store) Close() error {
 	s.mu.Unlock()
 	close(s.stop)
 	<-s.done
+	if s.direct != nil {
+		s.direct.close()
+	}
 	if s.prep != nil {
 		s.prep.close()
 	}
