@@ -174,7 +174,7 @@ func (s *Store) compactStep(oldest uint32) error {
 			}
 			r.succ, r.fail = dr.succ, dr.fail
 		}
-		w.add(&r)
+		w.add(&r, nil)
 	}
 	if w.len() > 0 {
 		if n, err := s.write(&w); err != nil {
