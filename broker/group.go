@@ -72,6 +72,17 @@ func (g *group) removeSession(s *session) {
 	})
 }
 
+// anySession returns a live connection of the group, in turn, or nil.
+func (g *group) anySession() *session {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if len(g.sessions) == 0 {
+		return nil
+	}
+	g.rr++
+	return g.sessions[g.rr%len(g.sessions)]
+}
+
 func (g *group) setWatermark(w int) {
 	g.change(func() { g.watermark = w })
 }

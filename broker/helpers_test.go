@@ -215,7 +215,7 @@ func newMessage(topic, messageType, body string) *protocol.StringMessage {
 		Header: &protocol.Header{
 			MessageId: proto.String(protocol.MessageId()), Topic: &topic, MessageType: &messageType,
 			ExpiredTime: proto.Int64(time.Now().Add(time.Hour).Unix()), DeliveryLimit: proto.Int32(-1),
-			GroupId: proto.String("producer"), Commit: proto.Bool(true), Fly: proto.Bool(false),
+			GroupId: proto.String("p"), Commit: proto.Bool(true), Fly: proto.Bool(false),
 		},
 		Body: &body,
 	}

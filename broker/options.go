@@ -50,6 +50,15 @@ type Options struct {
 	// MaxLifetime caps a message's expiry: a message that never expires, or
 	// expires later, is dead-lettered after this long.
 	MaxLifetime time.Duration
+	// TxCheckDelay is how long an uncommitted message waits for its
+	// producer's decision before the broker asks the producer group; the
+	// wait doubles after every check up to TxCheckMaxDelay. After
+	// TxCheckLimit checks an undecided message is dead-lettered. Checks
+	// of one producer group go out at most TxCheckRate per second.
+	TxCheckDelay    time.Duration
+	TxCheckMaxDelay time.Duration
+	TxCheckLimit    int
+	TxCheckRate     int
 	// MaxPendingPublishes bounds the publishes of one connection that are
 	// being stored at once; past it the broker stops reading that
 	// connection until a store finishes.
@@ -74,6 +83,10 @@ func DefaultOptions() Options {
 		RetryDelay:          time.Second,
 		MaxRetryDelay:       160 * time.Second,
 		MaxLifetime:         7 * 24 * time.Hour,
+		TxCheckDelay:        5 * time.Second,
+		TxCheckMaxDelay:     160 * time.Second,
+		TxCheckLimit:        10,
+		TxCheckRate:         100,
 		MaxPendingPublishes: 1024,
 		ShutdownTimeout:     10 * time.Second,
 	}
@@ -96,6 +109,10 @@ func ParseFlags(args []string, output io.Writer) (Options, error) {
 	fs.DurationVar(&o.DeliverTimeout, "deliver-timeout", o.DeliverTimeout, "wait for a DELIVER_ACK before the delivery counts as failed")
 	fs.DurationVar(&o.RetryDelay, "retry-delay", o.RetryDelay, "first delay before a failed delivery is retried (doubles up to -max-retry-delay)")
 	fs.DurationVar(&o.MaxRetryDelay, "max-retry-delay", o.MaxRetryDelay, "longest delay between two deliveries of a message to a group")
+	fs.DurationVar(&o.TxCheckDelay, "tx-check-delay", o.TxCheckDelay, "wait for a transaction decision before asking the producer group (doubles after every check)")
+	fs.DurationVar(&o.TxCheckMaxDelay, "tx-check-max-delay", o.TxCheckMaxDelay, "longest wait between two checks of a transaction")
+	fs.IntVar(&o.TxCheckLimit, "tx-check-limit", o.TxCheckLimit, "checks of an undecided transaction before its message is dead-lettered")
+	fs.IntVar(&o.TxCheckRate, "tx-check-rate", o.TxCheckRate, "most transaction checks per second sent to one producer group")
 	fs.DurationVar(&o.IdleTimeout, "idle-timeout", o.IdleTimeout, "close a connection silent for this long")
 	fs.DurationVar(&o.ShutdownTimeout, "shutdown-timeout", o.ShutdownTimeout, "bound on a graceful stop")
 	if err := fs.Parse(args); err != nil {
@@ -123,6 +140,8 @@ func (o Options) Validate() error {
 		return fmt.Errorf("-max-body %d must be positive", o.MaxBody)
 	case o.DeliverTimeout < time.Millisecond || o.RetryDelay <= 0 || o.MaxRetryDelay < o.RetryDelay:
 		return errors.New("-deliver-timeout must be at least 1ms, -retry-delay positive, -max-retry-delay at least -retry-delay")
+	case o.TxCheckDelay < time.Millisecond || o.TxCheckMaxDelay < o.TxCheckDelay || o.TxCheckLimit < 1 || o.TxCheckRate < 1:
+		return errors.New("-tx-check-delay must be at least 1ms, -tx-check-max-delay at least -tx-check-delay, -tx-check-limit and -tx-check-rate at least 1")
 	case o.IdleTimeout <= 0 || o.HandshakeTimeout <= 0 || o.WriteTimeout <= 0 || o.ShutdownTimeout <= 0:
 		return errors.New("timeouts must be positive")
 	case o.MaxLifetime <= 0 || o.MaxPendingPublishes <= 0:
@@ -169,4 +188,15 @@ func loadAuth(path string) (map[string]string, error) {
 		return nil, fmt.Errorf("auth file %s: %w", path, err)
 	}
 	return secrets, nil
+}
+
+// txCheckDelay is the wait after check n (1, 2, ...) of a transaction
+// before the next one: TxCheckDelay doubled n times, at most
+// TxCheckMaxDelay.
+func (o Options) txCheckDelay(n int32) time.Duration {
+	d := o.TxCheckDelay
+	for i := int32(0); i < n && d < o.TxCheckMaxDelay; i++ {
+		d *= 2
+	}
+	return min(d, o.TxCheckMaxDelay)
 }

@@ -36,6 +36,7 @@ type Server struct {
 	secrets map[string]string // nil: any secret
 	stats   Stats
 	engine  *engine
+	txcheck *txChecker
 
 	ln       net.Listener
 	http     *http.Server
@@ -66,6 +67,7 @@ func New(opts Options, store storage.Store, reg registry.Server, log *zap.Logger
 		stopLoops: make(chan struct{}),
 	}
 	s.engine = newEngine(log, store, opts, &s.stats)
+	s.txcheck = newTxChecker(s)
 	return s, nil
 }
 
@@ -102,9 +104,13 @@ func (s *Server) Start(ctx context.Context) error {
 		s.closeListeners()
 		return fmt.Errorf("broker: %w", err)
 	}
-	s.loops.Add(2)
+	s.loops.Add(3)
 	go s.acceptLoop()
 	go s.sweepLoop()
+	go func() {
+		defer s.loops.Done()
+		s.txcheck.run(s.stopLoops, min(max(s.opts.TxCheckDelay/4, 10*time.Millisecond), 250*time.Millisecond))
+	}()
 	s.log.Info("broker started", zap.String("addr", s.Addr()), zap.Strings("topics", topics),
 		zap.Int("recovered", n), zap.Bool("auth", s.secrets != nil))
 	if s.secrets == nil {
@@ -332,6 +338,12 @@ func (s *Server) publish(sess *session, p *protocol.Packet) error {
 		s.storeAck(sess, p.Opaque, h.GetMessageId(), false, reason)
 		return nil
 	}
+	if !h.GetCommit() && h.GetGroupId() != sess.groupId {
+		s.storeAck(sess, p.Opaque, h.GetMessageId(), false, fmt.Sprintf(
+			"an uncommitted message's header groupId %q must be the producer's group %q: that group is asked for the decision",
+			h.GetGroupId(), sess.groupId))
+		return nil
+	}
 	if h.CreateTime == nil {
 		h.CreateTime = ptr(now.Unix())
 	}
@@ -341,6 +353,9 @@ func (s *Server) publish(sess *session, p *protocol.Packet) error {
 		return nil
 	}
 	m := storage.NewMessage(msg, now)
+	if !m.Committed {
+		m.NextDeliverTime = now.Add(s.opts.TxCheckDelay) // the first check
+	}
 	if h.GetFly() {
 		s.storeAck(sess, p.Opaque, h.GetMessageId(), true, "fly: not stored")
 		s.engine.dispatch(m, true)
@@ -364,6 +379,9 @@ func (s *Server) publish(sess *session, p *protocol.Packet) error {
 			return
 		}
 		s.stats.Stored.Add(1)
+		if !m.Committed {
+			s.txcheck.sent(m.ID(), sess)
+		}
 		s.storeAck(sess, p.Opaque, m.ID(), true, "stored")
 		if m.Committed {
 			s.engine.dispatch(m, false)
@@ -458,6 +476,7 @@ func (s *Server) txAck(sess *session, p *protocol.Packet) error {
 			if err := s.store.Commit(ctx, id); err != nil {
 				return fmt.Errorf("commit %s: %w", id, err)
 			}
+			s.txcheck.decided(id)
 			s.stats.Committed.Add(1)
 			if !s.engine.claim(id) {
 				return nil // being delivered already
@@ -481,6 +500,7 @@ func (s *Server) txAck(sess *session, p *protocol.Packet) error {
 			if err := s.store.Rollback(ctx, id); err != nil {
 				return fmt.Errorf("rollback %s: %w", id, err)
 			}
+			s.txcheck.decided(id)
 			s.stats.RolledBack.Add(1)
 			return nil
 		})

@@ -212,6 +212,13 @@ func (s *session) deliver(d *delivery) bool {
 	return true
 }
 
+// isClosed reports whether the session has closed.
+func (s *session) isClosed() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.closed
+}
+
 // takeDelivery removes and returns the delivery waiting for opaque.
 func (s *session) takeDelivery(opaque uint32) *delivery {
 	s.mu.Lock()

@@ -19,6 +19,9 @@ type Stats struct {
 	DeadLettered    atomic.Int64 // messages moved to the dead-letter queue
 	Committed       atomic.Int64 // transaction commits
 	RolledBack      atomic.Int64 // transaction rollbacks
+	TxChecks        atomic.Int64 // transaction checks sent to producers
+	TxChecksUnsent  atomic.Int64 // checks due with no live connection of the producer group
+	TxDeadLettered  atomic.Int64 // undecided transactions dead-lettered after their last check
 	StoreErrors     atomic.Int64 // store calls after a publish that failed
 }
 
@@ -39,6 +42,9 @@ type StatsSnapshot struct {
 	DeadLettered    int64 `json:"deadLettered"`
 	Committed       int64 `json:"committed"`
 	RolledBack      int64 `json:"rolledBack"`
+	TxChecks        int64 `json:"txChecks"`
+	TxChecksUnsent  int64 `json:"txChecksUnsent"`
+	TxDeadLettered  int64 `json:"txDeadLettered"`
 	StoreErrors     int64 `json:"storeErrors"`
 	InFlight        int64 `json:"inFlight"` // messages this broker is delivering now
 }
@@ -51,5 +57,6 @@ func (s *Stats) snapshot() StatsSnapshot {
 		DeliverTimeouts: s.DeliverTimeouts.Load(), Redirected: s.Redirected.Load(),
 		Finished: s.Finished.Load(), Unrouted: s.Unrouted.Load(), DeadLettered: s.DeadLettered.Load(),
 		Committed: s.Committed.Load(), RolledBack: s.RolledBack.Load(), StoreErrors: s.StoreErrors.Load(),
+		TxChecks: s.TxChecks.Load(), TxChecksUnsent: s.TxChecksUnsent.Load(), TxDeadLettered: s.TxDeadLettered.Load(),
 	}
 }

@@ -514,6 +514,19 @@ func TestSendTx(t *testing.T) {
 		}
 	})
 
+	t.Run("header of another group", func(t *testing.T) {
+		msg := newMsg("tx")
+		msg.Header.GroupId = new("someone-else")
+		ran := false
+		err := c.SendTxStringMessage(msg, func(*protocol.StringMessage) (bool, error) { ran = true; return true, nil })
+		if !errors.Is(err, client.ErrInvalidMessage) || !strings.Contains(err.Error(), `"someone-else"`) || ran {
+			t.Errorf("SendTx = %v, doTx ran %v; want ErrInvalidMessage naming the group, and no doTx", err, ran)
+		}
+		if fb.storedHeader(msg.Header.GetMessageId()) != nil {
+			t.Error("the message was sent to the broker")
+		}
+	})
+
 	t.Run("store refused", func(t *testing.T) {
 		ran := false
 		err := c.SendTxStringMessage(newMsg("tx", "fail"), func(*protocol.StringMessage) (bool, error) { ran = true; return true, nil })

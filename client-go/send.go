@@ -89,6 +89,11 @@ func uncommitted(h *protocol.Header) (*protocol.Header, error) {
 
 func (c *KiteQClient) sendTx(cmd protocol.CmdType, stored protocol.Message, doTx func() (bool, error)) error {
 	h := stored.GetHeader()
+	if h.GetGroupId() != c.groupId {
+		// The broker asks the header's group for a decision it did not get.
+		return fmt.Errorf("kiteq: send tx: %w: header groupId %q is not this client's group %q, which decides the transaction",
+			ErrInvalidMessage, h.GetGroupId(), c.groupId)
+	}
 	cn, err := c.store(cmd, stored)
 	if err != nil {
 		return err

@@ -132,6 +132,7 @@ func applyOp(st mstate, o fop) mstate {
 		if st.present && !st.dead && !st.committed {
 			st.committed = true
 			st.next, st.nextMin = o.next, o.nextMin
+			st.count = 0 // the transaction checks were not deliveries
 		}
 	case "rollback":
 		if st.present && !st.dead && !st.committed {

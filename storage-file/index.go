@@ -135,6 +135,7 @@ func (x *index) apply(r *record, p pos) {
 		if ok && !e.state.committed() && !e.state.dead() {
 			x.remove(r.id, e)
 			e.state, e.next = e.state|flagCommitted, r.next
+			e.count = 0 // the transaction checks were not deliveries
 			x.insert(r.id, e)
 		}
 	case recRollback:

@@ -41,7 +41,8 @@ type Message struct {
 
 	// Committed is false for a transactional message with no decision yet.
 	Committed bool
-	// DeliverCount counts delivery rounds so far.
+	// DeliverCount counts delivery rounds so far; for an uncommitted
+	// message, the transaction checks so far. Commit sets it to 0.
 	DeliverCount int32
 	// NextDeliverTime is when the message is next due: for delivery when
 	// committed, for a transaction check otherwise. A backend keeps it to

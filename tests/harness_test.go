@@ -18,13 +18,15 @@ import (
 	client "github.com/kiteq/kiteq/client-go"
 	"github.com/kiteq/kiteq/protocol"
 	"github.com/kiteq/kiteq/registry/binding"
+	"github.com/kiteq/kiteq/storage"
 )
 
 // testBroker is a broker wired by fx exactly as cmd/kiteq wires it, on a
 // free loopback port.
 type testBroker struct {
 	*broker.Server
-	logs *observer.ObservedLogs
+	logs  *observer.ObservedLogs
+	store storage.Store
 }
 
 func startBroker(t testing.TB, mutate func(*broker.Options)) *testBroker {
@@ -45,10 +47,11 @@ func startBroker(t testing.TB, mutate func(*broker.Options)) *testBroker {
 		t.Fatal(err)
 	}
 	var srv *broker.Server
-	app := fxtest.New(t, opts, fx.Populate(&srv))
+	var store storage.Store
+	app := fxtest.New(t, opts, fx.Populate(&srv, &store))
 	app.RequireStart()
 	t.Cleanup(app.RequireStop)
-	return &testBroker{Server: srv, logs: logs}
+	return &testBroker{Server: srv, logs: logs, store: store}
 }
 
 func (b *testBroker) uri() string { return "static://" + b.Addr() }

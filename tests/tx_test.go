@@ -16,7 +16,7 @@ func TestTransactionCommitAndRollback(t *testing.T) {
 	b := startBroker(t, nil)
 	rec := newRecorder("c")
 	startClient(t, b.uri(), "g", rec, nil, binding.Bind_Fanout("g", "trade", 100, true))
-	producer := startClient(t, b.uri(), "p", newRecorder("p"), []string{"trade"})
+	producer := startClient(t, b.uri(), "producer", newRecorder("producer"), []string{"trade"})
 
 	commit := newMessage("trade", "order", "commit")
 	ran := false

@@ -322,6 +322,7 @@ func (s *Store) Commit(ctx context.Context, id string) error {
 		m := *old
 		m.Committed = true
 		m.NextDeliverTime = msTime(s.now())
+		m.DeliverCount = 0 // the transaction checks were not deliveries
 		m.Header = protocol.Clone(old.Header)
 		committed := true
 		m.Header.Commit = &committed

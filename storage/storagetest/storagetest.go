@@ -545,6 +545,11 @@ func testRecordDeliveryTxCheck(t *testing.T, s storage.Store) {
 		t.Fatalf("Get after RecordDelivery: Committed %v, DeliverCount %d, NextDeliverTime %v; want false, 1, %v",
 			got.Committed, got.DeliverCount, got.NextDeliverTime, next)
 	}
+	// The checks were not deliveries: a commit starts the count again.
+	wantErr(t, "Commit", s.Commit(t.Context(), m.ID()), nil)
+	if got := get(t, s, m.ID()); !got.Committed || got.DeliverCount != 0 {
+		t.Fatalf("Get after Commit: Committed %v, DeliverCount %d; want true, 0", got.Committed, got.DeliverCount)
+	}
 }
 
 func testRecordDeliveryMissing(t *testing.T, s storage.Store) {
