@@ -327,14 +327,11 @@ func (e *engine) after(d time.Duration, fn func()) {
 	e.timers[t] = struct{}{}
 }
 
-// retryDelay is the wait before attempt n+1: RetryDelay doubled per
-// failure, capped at MaxRetryDelay.
-func (e *engine) retryDelay(attempts int32) time.Duration {
-	d := e.opts.RetryDelay
-	for i := int32(1); i < attempts && d < e.opts.MaxRetryDelay; i++ {
-		d *= 2
-	}
-	return min(d, e.opts.MaxRetryDelay)
+// retryDelay is the wait after failure n (1, 2, ...) before the next
+// attempt: the retry schedule's entry n, or its last one past its end.
+func (e *engine) retryDelay(failures int32) time.Duration {
+	s := e.opts.RetrySchedule
+	return s[min(int(max(failures, 1)), len(s))-1]
 }
 
 // expiry is when the message stops being delivered: its expiredTime,

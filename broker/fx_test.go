@@ -164,7 +164,8 @@ func TestParseFlags(t *testing.T) {
 		"-zkhost=127.0.0.1:2181": "-topics is required with -zkhost",
 		"-pport=70000":           "is not a port",
 		"-db=":                   "-db is empty",
-		"-retry-delay=0s":        "-retry-delay positive",
+		"-retry-schedule=1s,0s":  "whose last one, which repeats, is positive",
+		"-retry-schedule=1s,x":   `"x" is not a wait`,
 		"-deliver-timeout=1ns":   "at least 1ms",
 		"stray":                  "unexpected arguments",
 	} {

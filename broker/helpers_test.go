@@ -27,8 +27,7 @@ func startBroker(t *testing.T, mutate func(*Options)) *testBroker {
 	o := DefaultOptions()
 	o.Bind = "127.0.0.1:0"
 	o.PPort = 0
-	o.RetryDelay = 50 * time.Millisecond
-	o.MaxRetryDelay = 200 * time.Millisecond
+	o.RetrySchedule = []time.Duration{50 * time.Millisecond, 100 * time.Millisecond, 200 * time.Millisecond}
 	o.DeliverTimeout = time.Second
 	if mutate != nil {
 		mutate(&o)

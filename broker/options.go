@@ -43,10 +43,10 @@ type Options struct {
 	// DeliverTimeout is how long a delivery waits for its DELIVER_ACK
 	// before it counts as failed.
 	DeliverTimeout time.Duration
-	// RetryDelay is the first delay before a failed delivery is retried; it
-	// doubles with every failure up to MaxRetryDelay.
-	RetryDelay    time.Duration
-	MaxRetryDelay time.Duration
+	// RetrySchedule is the wait before each retry of a failed delivery to
+	// a group: after failure n, RetrySchedule[n-1]; past its end, its
+	// last entry again and again.
+	RetrySchedule []time.Duration
 	// MaxLifetime caps a message's expiry: a message that never expires, or
 	// expires later, is dead-lettered after this long.
 	MaxLifetime time.Duration
@@ -80,8 +80,7 @@ func DefaultOptions() Options {
 		IdleTimeout:         60 * time.Second,
 		WriteTimeout:        30 * time.Second,
 		DeliverTimeout:      5 * time.Second,
-		RetryDelay:          time.Second,
-		MaxRetryDelay:       160 * time.Second,
+		RetrySchedule:       DefaultRetrySchedule(),
 		MaxLifetime:         7 * 24 * time.Hour,
 		TxCheckDelay:        5 * time.Second,
 		TxCheckMaxDelay:     160 * time.Second,
@@ -107,8 +106,12 @@ func ParseFlags(args []string, output io.Writer) (Options, error) {
 	fs.StringVar(&o.LogLevel, "log-level", o.LogLevel, "log level: debug, info, warn, error")
 	fs.IntVar(&o.MaxBody, "max-body", o.MaxBody, "largest packet body in bytes")
 	fs.DurationVar(&o.DeliverTimeout, "deliver-timeout", o.DeliverTimeout, "wait for a DELIVER_ACK before the delivery counts as failed")
-	fs.DurationVar(&o.RetryDelay, "retry-delay", o.RetryDelay, "first delay before a failed delivery is retried (doubles up to -max-retry-delay)")
-	fs.DurationVar(&o.MaxRetryDelay, "max-retry-delay", o.MaxRetryDelay, "longest delay between two deliveries of a message to a group")
+	fs.Func("retry-schedule", "waits before the retries of a failed delivery to a group, comma-separated; the last repeats (default "+
+		formatSchedule(o.RetrySchedule)+")", func(v string) error {
+		s, err := parseSchedule(v)
+		o.RetrySchedule = s
+		return err
+	})
 	fs.DurationVar(&o.TxCheckDelay, "tx-check-delay", o.TxCheckDelay, "wait for a transaction decision before asking the producer group (doubles after every check)")
 	fs.DurationVar(&o.TxCheckMaxDelay, "tx-check-max-delay", o.TxCheckMaxDelay, "longest wait between two checks of a transaction")
 	fs.IntVar(&o.TxCheckLimit, "tx-check-limit", o.TxCheckLimit, "checks of an undecided transaction before its message is dead-lettered")
@@ -138,8 +141,11 @@ func (o Options) Validate() error {
 		return errors.New("-topics is required with -zkhost: a broker registers the topics it serves")
 	case o.MaxBody <= 0:
 		return fmt.Errorf("-max-body %d must be positive", o.MaxBody)
-	case o.DeliverTimeout < time.Millisecond || o.RetryDelay <= 0 || o.MaxRetryDelay < o.RetryDelay:
-		return errors.New("-deliver-timeout must be at least 1ms, -retry-delay positive, -max-retry-delay at least -retry-delay")
+	case o.DeliverTimeout < time.Millisecond:
+		return errors.New("-deliver-timeout must be at least 1ms")
+	case len(o.RetrySchedule) == 0 || o.RetrySchedule[len(o.RetrySchedule)-1] <= 0:
+		return fmt.Errorf("-retry-schedule %s: want waits such as 1s,5s,10s whose last one, which repeats, is positive",
+			formatSchedule(o.RetrySchedule))
 	case o.TxCheckDelay < time.Millisecond || o.TxCheckMaxDelay < o.TxCheckDelay || o.TxCheckLimit < 1 || o.TxCheckRate < 1:
 		return errors.New("-tx-check-delay must be at least 1ms, -tx-check-max-delay at least -tx-check-delay, -tx-check-limit and -tx-check-rate at least 1")
 	case o.IdleTimeout <= 0 || o.HandshakeTimeout <= 0 || o.WriteTimeout <= 0 || o.ShutdownTimeout <= 0:
@@ -199,4 +205,32 @@ func (o Options) txCheckDelay(n int32) time.Duration {
 		d *= 2
 	}
 	return min(d, o.TxCheckMaxDelay)
+}
+
+// DefaultRetrySchedule is three quick retries, then 5 s doubling to 160 s,
+// then every 160 s.
+func DefaultRetrySchedule() []time.Duration {
+	return []time.Duration{time.Second, time.Second, time.Second,
+		5 * time.Second, 10 * time.Second, 20 * time.Second, 40 * time.Second, 80 * time.Second, 160 * time.Second}
+}
+
+// parseSchedule parses "1s,5s,10s".
+func parseSchedule(v string) ([]time.Duration, error) {
+	var out []time.Duration
+	for _, f := range strings.Split(v, ",") {
+		d, err := time.ParseDuration(strings.TrimSpace(f))
+		if err != nil || d < 0 {
+			return nil, fmt.Errorf("%q is not a wait such as 5s", f)
+		}
+		out = append(out, d)
+	}
+	return out, nil
+}
+
+func formatSchedule(s []time.Duration) string {
+	fs := make([]string, len(s))
+	for i, d := range s {
+		fs[i] = d.String()
+	}
+	return strings.Join(fs, ",")
 }

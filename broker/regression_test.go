@@ -32,8 +32,7 @@ func startOn(t *testing.T, store storage.Store, reg *static.Server, mutate func(
 	o := DefaultOptions()
 	o.Bind = "127.0.0.1:0"
 	o.PPort = 0
-	o.RetryDelay = 50 * time.Millisecond
-	o.MaxRetryDelay = 200 * time.Millisecond
+	o.RetrySchedule = []time.Duration{50 * time.Millisecond, 100 * time.Millisecond, 200 * time.Millisecond}
 	o.DeliverTimeout = time.Second
 	if mutate != nil {
 		mutate(&o)
@@ -62,7 +61,7 @@ func TestRestartDeliversMessageWaitingForRetry(t *testing.T) {
 	store := memory.New(100)
 	t.Cleanup(func() { store.Close() })
 	dir := t.TempDir()
-	retry := func(o *Options) { o.RetryDelay, o.MaxRetryDelay = time.Second, time.Second }
+	retry := func(o *Options) { o.RetrySchedule = []time.Duration{time.Second} }
 
 	reg1, err := static.NewServer(dir)
 	if err != nil {
@@ -113,7 +112,7 @@ func TestRestartDeliversMessageWaitingForRetry(t *testing.T) {
 func TestFileStoreRestartDeliversMessageWaitingForRetry(t *testing.T) {
 	o := DefaultOptions()
 	o.Bind, o.PPort, o.DB = "127.0.0.1:0", 0, "file://"+t.TempDir()
-	o.RetryDelay, o.MaxRetryDelay = time.Second, time.Second
+	o.RetrySchedule = []time.Duration{time.Second}
 	m := newMessage("trade", "t", "retry-me")
 	id := m.GetHeader().GetMessageId()
 	for round := range 2 {

@@ -198,7 +198,7 @@ func TestDeliveryLimitDeadLetters(t *testing.T) {
 }
 
 func TestClosedConsumerHandsOverAtOnce(t *testing.T) {
-	b := startBroker(t, func(o *Options) { o.RetryDelay = time.Minute; o.MaxRetryDelay = time.Minute })
+	b := startBroker(t, func(o *Options) { o.RetrySchedule = []time.Duration{time.Minute} })
 	first := connect(t, b.Addr(), "c")
 	first.bind("c", bindDirect("c", "trade", "t", 10, true))
 	prod := connect(t, b.Addr(), "p")

@@ -159,7 +159,9 @@ func TestTxCheckBacksOffThenDeadLetters(t *testing.T) {
 }
 
 // Checks of one group go out no faster than the rate, however many
-// transactions are due, and every one is checked in the end.
+// transactions are due, and every one is checked in the end. (A message
+// checked early may be checked again before the last is: every check
+// counts against the rate.)
 func TestTxCheckRateIsBoundedPerGroup(t *testing.T) {
 	const n, rate = 60, 20
 	b := startBroker(t, func(o *Options) {
@@ -197,8 +199,8 @@ func TestTxCheckRateIsBoundedPerGroup(t *testing.T) {
 			t.Fatalf("check %d at %v, before %v: over %d per second", k, at, min, rate)
 		}
 	}
-	if st := b.Stats(); st.TxChecks != n {
-		t.Fatalf("%d checks sent, want %d", st.TxChecks, n)
+	if st := b.Stats(); st.TxChecks < n {
+		t.Fatalf("%d checks sent, want at least %d", st.TxChecks, n)
 	}
 }
 

@@ -35,8 +35,7 @@ func startBroker(t testing.TB, mutate func(*broker.Options)) *testBroker {
 	o.Bind = "127.0.0.1:0"
 	o.PPort = 0
 	o.DB = "memory://"
-	o.RetryDelay = 100 * time.Millisecond
-	o.MaxRetryDelay = time.Second
+	o.RetrySchedule = []time.Duration{100 * time.Millisecond, 200 * time.Millisecond, 400 * time.Millisecond, time.Second}
 	if mutate != nil {
 		mutate(&o)
 	}
