@@ -2,6 +2,7 @@ package broker
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"net/http"
@@ -10,6 +11,9 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+
+	"github.com/kiteq/kiteq/protocol"
+	"github.com/kiteq/kiteq/storage"
 )
 
 // startAdmin serves pprof, /healthz and /stats on the bind host at PPort.
@@ -22,6 +26,20 @@ func (s *Server) startAdmin() error {
 	if err != nil {
 		return fmt.Errorf("broker: admin listen: %w", err)
 	}
+	s.http = &http.Server{Handler: s.adminHandler(), ReadHeaderTimeout: 5 * time.Second}
+	s.loops.Add(1)
+	go func() {
+		defer s.loops.Done()
+		if err := s.http.Serve(ln); err != nil && err != http.ErrServerClosed {
+			s.log.Error("admin server", zap.Error(err))
+		}
+	}()
+	s.log.Info("admin listening", zap.String("addr", ln.Addr().String()))
+	return nil
+}
+
+// adminHandler serves pprof, /healthz, /stats and the dead-letter queue.
+func (s *Server) adminHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/debug/pprof/", pprof.Index)
 	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
@@ -39,14 +57,92 @@ func (s *Server) startAdmin() error {
 		w.Header().Set("Content-Type", "application/json")
 		json.NewEncoder(w).Encode(s.Stats())
 	})
-	s.http = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
-	s.loops.Add(1)
-	go func() {
-		defer s.loops.Done()
-		if err := s.http.Serve(ln); err != nil && err != http.ErrServerClosed {
-			s.log.Error("admin server", zap.Error(err))
+	mux.HandleFunc("GET /deadletters", s.listDeadLetters)
+	mux.HandleFunc("POST /deadletters/redeliver", s.redeliverDeadLetter)
+	return mux
+}
+
+// deadLetterJSON is one entry of GET /deadletters.
+type deadLetterJSON struct {
+	ID           string    `json:"id"`
+	Topic        string    `json:"topic"`
+	MessageType  string    `json:"messageType"`
+	GroupID      string    `json:"groupId"`
+	Committed    bool      `json:"committed"`
+	Reason       string    `json:"reason"`
+	At           time.Time `json:"at"`
+	DeliverCount int32     `json:"deliverCount"`
+	SuccGroups   []string  `json:"succGroups"`
+	FailGroups   []string  `json:"failGroups"`
+}
+
+// listDeadLetters pages through the dead-letter queue in id order:
+// GET /deadletters?after=ID&limit=N (default 100, at most 1000). The
+// answer's "next" is the after of the next page, "" at the end.
+func (s *Server) listDeadLetters(w http.ResponseWriter, r *http.Request) {
+	limit := 100
+	if v := r.URL.Query().Get("limit"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 || n > 1000 {
+			http.Error(w, fmt.Sprintf("limit=%q: want a number from 1 to 1000", v), http.StatusBadRequest)
+			return
 		}
-	}()
-	s.log.Info("admin listening", zap.String("addr", ln.Addr().String()))
-	return nil
+		limit = n
+	}
+	page, err := s.store.DeadLetters(r.Context(), r.URL.Query().Get("after"), limit)
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusServiceUnavailable)
+		return
+	}
+	out := struct {
+		DeadLetters []deadLetterJSON `json:"deadLetters"`
+		Next        string           `json:"next"`
+	}{DeadLetters: make([]deadLetterJSON, 0, len(page))}
+	for _, d := range page {
+		m := d.Message
+		out.DeadLetters = append(out.DeadLetters, deadLetterJSON{
+			ID: m.ID(), Topic: m.Header.GetTopic(), MessageType: m.Header.GetMessageType(), GroupID: m.Header.GetGroupId(),
+			Committed: m.Committed, Reason: d.Reason, At: d.At, DeliverCount: m.DeliverCount,
+			SuccGroups: m.SuccGroups, FailGroups: m.FailGroups,
+		})
+	}
+	if len(page) == limit {
+		out.Next = page[len(page)-1].Message.ID()
+	}
+	w.Header().Set("Content-Type", "application/json")
+	json.NewEncoder(w).Encode(out)
+}
+
+// redeliverDeadLetter puts a dead letter back and delivers it to the
+// groups that have not acknowledged it: POST /deadletters/redeliver?id=ID.
+// An undecided transaction put back is committed.
+func (s *Server) redeliverDeadLetter(w http.ResponseWriter, r *http.Request) {
+	id := r.URL.Query().Get("id")
+	if !protocol.ValidMessageId(id) {
+		http.Error(w, fmt.Sprintf("id=%q: want a message id of %d lowercase hex characters", id, protocol.MessageIdLen),
+			http.StatusBadRequest)
+		return
+	}
+	err := s.store.Redeliver(r.Context(), id)
+	switch {
+	case errors.Is(err, storage.ErrNotFound):
+		http.Error(w, "no dead letter "+id, http.StatusNotFound)
+		return
+	case err != nil:
+		http.Error(w, err.Error(), http.StatusServiceUnavailable)
+		return
+	}
+	s.stats.Redelivered.Add(1)
+	s.log.Info("dead letter put back for delivery", zap.String("id", id))
+	if s.engine.claim(id) {
+		m, err := s.store.Get(r.Context(), id)
+		if err != nil {
+			s.engine.unclaim(id)
+			http.Error(w, "put back, but not read: "+err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		s.engine.dispatch(m, false)
+	}
+	w.Header().Set("Content-Type", "application/json")
+	fmt.Fprintf(w, "{\"id\":%q,\"redelivered\":true}\n", id)
 }

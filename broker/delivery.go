@@ -94,8 +94,12 @@ func (f *flight) groupResult(d *delivery, r deliveryResult, reason string) {
 		record = f.resultLocked(now.Add(retryIn))
 	}
 	var deadReason string
+	var final *storage.DeliveryResult
 	if finished {
 		deadReason = f.deadReasonLocked()
+		if deadReason != "" && !f.fly {
+			final = f.resultLocked(now) // the dead letter keeps each group's result
+		}
 	}
 	f.mu.Unlock()
 
@@ -106,7 +110,7 @@ func (f *flight) groupResult(d *delivery, r deliveryResult, reason string) {
 		e.after(retryIn, func() { g.enqueue(d) })
 	}
 	if finished {
-		e.finish(f, deadReason)
+		e.finish(f, deadReason, final)
 	}
 }
 
@@ -224,7 +228,7 @@ func (e *engine) dispatch(m *storage.Message, fly bool) {
 				zap.String("messageType", h.GetMessageType()))
 		}
 		f.ended = true
-		e.finish(f, "")
+		e.finish(f, "", nil)
 		return
 	}
 	for _, d := range ds {
@@ -257,9 +261,10 @@ func (e *engine) unclaim(id string) {
 }
 
 // finish ends a flight: the message is deleted, or dead-lettered with the
-// reason when a group gave up. The flight stays registered until the store
-// has done so, so that a repeated commit in between cannot start it again.
-func (e *engine) finish(f *flight, deadReason string) {
+// reason, and with each group's result (final) when a group gave up. The
+// flight stays registered until the store has done so, so that a repeated
+// commit in between cannot start it again.
+func (e *engine) finish(f *flight, deadReason string, final *storage.DeliveryResult) {
 	id := f.msg.ID()
 	if deadReason == "" {
 		e.stats.Finished.Add(1)
@@ -282,6 +287,11 @@ func (e *engine) finish(f *flight, deadReason string) {
 		defer forget()
 		if deadReason == "" {
 			return e.store.Delete(ctx, id)
+		}
+		if final != nil {
+			if err := e.store.RecordDelivery(ctx, *final); err != nil {
+				return err
+			}
 		}
 		return e.store.DeadLetter(ctx, id, deadReason)
 	})

@@ -19,6 +19,7 @@ type Stats struct {
 	DeadLettered    atomic.Int64 // messages moved to the dead-letter queue
 	Committed       atomic.Int64 // transaction commits
 	RolledBack      atomic.Int64 // transaction rollbacks
+	Redelivered     atomic.Int64 // dead letters put back for delivery
 	TxChecks        atomic.Int64 // transaction checks sent to producers
 	TxChecksUnsent  atomic.Int64 // checks due with no live connection of the producer group
 	TxDeadLettered  atomic.Int64 // undecided transactions dead-lettered after their last check
@@ -42,6 +43,7 @@ type StatsSnapshot struct {
 	DeadLettered    int64 `json:"deadLettered"`
 	Committed       int64 `json:"committed"`
 	RolledBack      int64 `json:"rolledBack"`
+	Redelivered     int64 `json:"redelivered"`
 	TxChecks        int64 `json:"txChecks"`
 	TxChecksUnsent  int64 `json:"txChecksUnsent"`
 	TxDeadLettered  int64 `json:"txDeadLettered"`
@@ -57,6 +59,6 @@ func (s *Stats) snapshot() StatsSnapshot {
 		DeliverTimeouts: s.DeliverTimeouts.Load(), Redirected: s.Redirected.Load(),
 		Finished: s.Finished.Load(), Unrouted: s.Unrouted.Load(), DeadLettered: s.DeadLettered.Load(),
 		Committed: s.Committed.Load(), RolledBack: s.RolledBack.Load(), StoreErrors: s.StoreErrors.Load(),
-		TxChecks: s.TxChecks.Load(), TxChecksUnsent: s.TxChecksUnsent.Load(), TxDeadLettered: s.TxDeadLettered.Load(),
+		Redelivered: s.Redelivered.Load(), TxChecks: s.TxChecks.Load(), TxChecksUnsent: s.TxChecksUnsent.Load(), TxDeadLettered: s.TxDeadLettered.Load(),
 	}
 }

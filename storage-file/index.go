@@ -153,6 +153,13 @@ func (x *index) apply(r *record, p pos) {
 		if ok && !e.state.dead() {
 			x.remove(r.id, e)
 		}
+	case recRedeliver:
+		if ok && e.state.dead() {
+			x.remove(r.id, e)
+			e.state = e.state&^flagDead | flagCommitted
+			e.count, e.next, e.delivery = r.count, r.next, p
+			x.insert(r.id, e)
+		}
 	case recDead:
 		if ok && !e.state.dead() {
 			x.remove(r.id, e)

@@ -42,6 +42,9 @@ const (
 	recDelete recordKind = 5
 	// recDead moves a message to the dead-letter queue.
 	recDead recordKind = 6
+	// recRedeliver puts a dead letter back, committed, with a new delivery
+	// state (encoded as recDelivery's).
+	recRedeliver recordKind = 7
 )
 
 func (k recordKind) String() string {
@@ -58,6 +61,8 @@ func (k recordKind) String() string {
 		return "delete"
 	case recDead:
 		return "dead"
+	case recRedeliver:
+		return "redeliver"
 	}
 	return fmt.Sprintf("kind(%d)", uint8(k))
 }
@@ -121,7 +126,7 @@ func appendRecord(dst []byte, r *record) []byte {
 		dst = appendBytes(dst, r.body)
 	case recCommit:
 		dst = binary.AppendVarint(dst, r.next)
-	case recDelivery:
+	case recDelivery, recRedeliver:
 		dst = binary.AppendVarint(dst, int64(r.count))
 		dst = binary.AppendVarint(dst, r.next)
 		dst = appendStrings(dst, r.succ)
@@ -190,7 +195,7 @@ func decodeRecord(payload []byte, crc uint32) (*record, error) {
 	case recCommit:
 		r.next = d.varint()
 	case recRollback, recDelete:
-	case recDelivery:
+	case recDelivery, recRedeliver:
 		r.count = int32(d.varint())
 		r.next = d.varint()
 		r.succ = d.strings()

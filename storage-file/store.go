@@ -867,6 +867,23 @@ func (s *Store) DeadLetter(ctx context.Context, id string, reason string) error 
 	})
 }
 
+// Redeliver puts a dead letter back for delivery: committed, due now,
+// its count reset, the groups that acknowledged it kept.
+func (s *Store) Redeliver(ctx context.Context, id string) error {
+	return s.change(ctx, "redeliver", id, func(e entry, ok bool) (*record, error) {
+		if !ok || !e.state.dead() {
+			return nil, notFound("redeliver", id)
+		}
+		s.segMu.RLock() // lock order: mu, then segMu
+		m, err := s.load(e)
+		s.segMu.RUnlock()
+		if err != nil {
+			return nil, err
+		}
+		return &record{kind: recRedeliver, next: s.nowMillis(), succ: m.SuccGroups}, nil
+	})
+}
+
 // Get returns a copy of the live message with that id.
 func (s *Store) Get(ctx context.Context, idStr string) (*storage.Message, error) {
 	if err := ctx.Err(); err != nil {

@@ -206,6 +206,13 @@ type Store interface {
 	DeadLetter(ctx context.Context, id string, reason string) error
 	// DeadLetters pages through the dead-letter queue in ascending id order.
 	DeadLetters(ctx context.Context, afterID string, limit int) ([]*DeadLetter, error)
+	// Redeliver puts a dead letter back for delivery: it becomes a live,
+	// committed message again (an undecided transaction is thereby
+	// committed), due now, with DeliverCount 0 and no FailGroups; its
+	// SuccGroups stay, so the groups that acknowledged it do not get it
+	// again. ErrNotFound when id is not in the dead-letter queue; ErrFull
+	// when the store has no room for another live message.
+	Redeliver(ctx context.Context, id string) error
 	// Close releases the store; later calls return ErrClosed.
 	Close() error
 }

@@ -420,6 +420,38 @@ func (s *Store) DeadLetter(ctx context.Context, id string, reason string) error 
 	return nil
 }
 
+// Redeliver moves a dead letter back to the live messages, committed and
+// due now, taking a unit of capacity.
+func (s *Store) Redeliver(ctx context.Context, id string) error {
+	if err := s.begin(ctx, "redeliver"); err != nil {
+		return err
+	}
+	sh := s.shard(id)
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	if s.closed.Load() {
+		return closedError("redeliver")
+	}
+	n, ok := sh.dead[id]
+	if !ok {
+		return notFound("redeliver", id)
+	}
+	if !s.reserve() {
+		return fmt.Errorf("memory store: redeliver %s: full (%d messages; raise ?cap=): %w", id, s.capacity, storage.ErrFull)
+	}
+	delete(sh.dead, id)
+	sh.deadByID.remove(id)
+	m := *n.val.Message
+	m.Header = protocol.Clone(m.Header)
+	m.Header.Commit = new(true)
+	m.Committed = true
+	m.DeliverCount = 0
+	m.NextDeliverTime = msTime(s.now())
+	m.FailGroups = nil
+	sh.insertLive(&m)
+	return nil
+}
+
 // Due returns up to q.Limit messages of q.Kind whose NextDeliverTime is at
 // or before q.Before, strictly after q.After, in the due order
 // (NextDeliverTime, id).

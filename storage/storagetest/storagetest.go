@@ -70,6 +70,8 @@ func Run(t *testing.T, open func(t *testing.T) storage.Store) {
 		{"DeadLetterNotRevived", testDeadLetterNotRevived},
 		{"DeadLetterMissing", testDeadLetterMissing},
 		{"DeadLettersPaging", testDeadLettersPaging},
+		{"Redeliver", testRedeliver},
+		{"RedeliverNotDead", testRedeliverNotDead},
 		{"Close", testClose},
 		{"Concurrent", testConcurrent},
 	}
@@ -1288,4 +1290,48 @@ func testConcurrent(t *testing.T, s storage.Store) {
 	before := now().Add(time.Hour)
 	wantDueSet(t, "Due(DueDelivery) after the storm", allDue(t, s, storage.DueDelivery, before, 50), wantDelivery...)
 	wantDueSet(t, "Due(DueTxCheck) after the storm", allDue(t, s, storage.DueTxCheck, before, 50), wantTx...)
+}
+
+func testRedeliver(t *testing.T, s storage.Store) {
+	for _, committed := range []bool{true, false} {
+		m := NewMessage("trade", "pay-succ", committed)
+		save(t, s, m)
+		wantErr(t, "RecordDelivery", s.RecordDelivery(t.Context(), storage.DeliveryResult{
+			MessageID: m.ID(), DeliverCount: 5, NextDeliverTime: now().Add(time.Hour),
+			SuccGroups: []string{"s-a"}, FailGroups: []string{"s-b"},
+		}), nil)
+		wantErr(t, "DeadLetter", s.DeadLetter(t.Context(), m.ID(), "delivery limit reached"), nil)
+
+		from := time.Now()
+		wantErr(t, "Redeliver", s.Redeliver(t.Context(), m.ID()), nil)
+		to := time.Now()
+		got := get(t, s, m.ID())
+		if !got.Committed || !got.Header.GetCommit() || got.DeliverCount != 0 || len(got.FailGroups) != 0 ||
+			len(got.SuccGroups) != 1 || got.SuccGroups[0] != "s-a" || !within(got.NextDeliverTime, from, to) {
+			t.Fatalf("Get after Redeliver (saved committed=%v): committed %v/%v, DeliverCount %d, groups %q %q, next %v; "+
+				"want committed, 0, [s-a] [], now", committed, got.Committed, got.Header.GetCommit(), got.DeliverCount,
+				got.SuccGroups, got.FailGroups, got.NextDeliverTime)
+		}
+		if !bytes.Equal(got.Body, m.Body) {
+			t.Fatal("Redeliver changed the body")
+		}
+		page := due(t, s, storage.DueQuery{Kind: storage.DueDelivery, Before: to.Add(second)})
+		wantIDs(t, "Due(DueDelivery) after Redeliver", ids(page), m.ID())
+		if dls := deadLetters(t, s, "", 10); len(dls) != 0 {
+			t.Fatalf("DeadLetters after Redeliver: %d, want none", len(dls))
+		}
+		// It is live again: finishing it works as for any message.
+		wantErr(t, "Delete", s.Delete(t.Context(), m.ID()), nil)
+		wantNotFound(t, s, m.ID())
+	}
+}
+
+func testRedeliverNotDead(t *testing.T, s storage.Store) {
+	live := NewMessage("trade", "pay-succ", true)
+	save(t, s, live)
+	wantErr(t, "Redeliver of a live message", s.Redeliver(t.Context(), live.ID()), storage.ErrNotFound)
+	wantErr(t, "Redeliver of a missing message", s.Redeliver(t.Context(), RandomID()), storage.ErrNotFound)
+	if got := get(t, s, live.ID()); got.DeliverCount != live.DeliverCount {
+		t.Fatal("a refused Redeliver changed the live message")
+	}
 }
