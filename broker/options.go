@@ -63,6 +63,10 @@ type Options struct {
 	// being stored at once; past it the broker stops reading that
 	// connection until a store finishes.
 	MaxPendingPublishes int
+	// MaxPendingBytes bounds the bytes of all publishes waiting for the
+	// store; a publish past it gets a failed store-ack (overload), so a
+	// store slower than its producers cannot fill the broker's memory.
+	MaxPendingBytes int64
 	// ShutdownTimeout bounds a graceful stop.
 	ShutdownTimeout time.Duration
 }
@@ -87,6 +91,7 @@ func DefaultOptions() Options {
 		TxCheckLimit:        10,
 		TxCheckRate:         100,
 		MaxPendingPublishes: 1024,
+		MaxPendingBytes:     256 << 20,
 		ShutdownTimeout:     10 * time.Second,
 	}
 }
@@ -105,6 +110,7 @@ func ParseFlags(args []string, output io.Writer) (Options, error) {
 	fs.StringVar(&o.AuthFile, "auth-file", "", `file of "groupId:secretKey" lines; empty accepts any secret`)
 	fs.StringVar(&o.LogLevel, "log-level", o.LogLevel, "log level: debug, info, warn, error")
 	fs.IntVar(&o.MaxBody, "max-body", o.MaxBody, "largest packet body in bytes")
+	fs.Int64Var(&o.MaxPendingBytes, "max-pending-bytes", o.MaxPendingBytes, "bytes of publishes waiting for the store, past which publishes are refused (overload)")
 	fs.DurationVar(&o.DeliverTimeout, "deliver-timeout", o.DeliverTimeout, "wait for a DELIVER_ACK before the delivery counts as failed")
 	fs.Func("retry-schedule", "waits before the retries of a failed delivery to a group, comma-separated; the last repeats (default "+
 		formatSchedule(o.RetrySchedule)+")", func(v string) error {
@@ -152,6 +158,8 @@ func (o Options) Validate() error {
 		return errors.New("timeouts must be positive")
 	case o.MaxLifetime <= 0 || o.MaxPendingPublishes <= 0:
 		return errors.New("MaxLifetime and MaxPendingPublishes must be positive")
+	case o.MaxPendingBytes < int64(o.MaxBody):
+		return fmt.Errorf("-max-pending-bytes %d must be at least -max-body %d", o.MaxPendingBytes, o.MaxBody)
 	}
 	return nil
 }

@@ -42,6 +42,9 @@ type Server struct {
 	http     *http.Server
 	stopping atomic.Bool
 
+	// pendingBytes counts the bytes of publishes waiting for the store.
+	pendingBytes atomic.Int64
+
 	mu       sync.Mutex
 	sessions map[*session]struct{}
 
@@ -347,7 +350,8 @@ func (s *Server) publish(sess *session, p *protocol.Packet) error {
 	if h.CreateTime == nil {
 		h.CreateTime = ptr(now.Unix())
 	}
-	if n := proto.Size(msg); n > s.opts.MaxBody {
+	n := proto.Size(msg)
+	if n > s.opts.MaxBody {
 		s.storeAck(sess, p.Opaque, h.GetMessageId(), false,
 			fmt.Sprintf("message of %d bytes (with createTime) is over the %d-byte limit", n, s.opts.MaxBody))
 		return nil
@@ -362,10 +366,19 @@ func (s *Server) publish(sess *session, p *protocol.Packet) error {
 		return nil
 	}
 
+	size := int64(n)
+	if pending := s.pendingBytes.Add(size); pending > s.opts.MaxPendingBytes {
+		s.pendingBytes.Add(-size)
+		s.stats.Overloaded.Add(1)
+		s.storeAck(sess, p.Opaque, m.ID(), false, fmt.Sprintf(
+			"overload: %d bytes of publishes are waiting for the store, the most this broker holds (-max-pending-bytes); retry later",
+			pending-size))
+		return nil
+	}
 	sess.pubSlots <- struct{}{}
 	saved := sess.startSave(m.ID())
 	go func() {
-		defer func() { sess.endSave(m.ID(), saved); <-sess.pubSlots }()
+		defer func() { sess.endSave(m.ID(), saved); <-sess.pubSlots; s.pendingBytes.Add(-size) }()
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		stored, err := s.store.Save(ctx, m)
 		cancel()

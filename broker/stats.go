@@ -9,6 +9,7 @@ type Stats struct {
 	Stored          atomic.Int64 // messages newly saved (store-ack true)
 	Duplicates      atomic.Int64 // publishes of an id already stored
 	Rejected        atomic.Int64 // store-acks with status false
+	Overloaded      atomic.Int64 // publishes refused while -max-pending-bytes were waiting for the store
 	Delivered       atomic.Int64 // deliveries sent to consumers
 	DeliverAcked    atomic.Int64 // DELIVER_ACK with status true
 	DeliverFailed   atomic.Int64 // DELIVER_ACK with status false
@@ -33,6 +34,7 @@ type StatsSnapshot struct {
 	Stored          int64 `json:"stored"`
 	Duplicates      int64 `json:"duplicates"`
 	Rejected        int64 `json:"rejected"`
+	Overloaded      int64 `json:"overloaded"`
 	Delivered       int64 `json:"delivered"`
 	DeliverAcked    int64 `json:"deliverAcked"`
 	DeliverFailed   int64 `json:"deliverFailed"`
@@ -54,7 +56,7 @@ type StatsSnapshot struct {
 func (s *Stats) snapshot() StatsSnapshot {
 	return StatsSnapshot{
 		Connections: s.Connections.Load(), Published: s.Published.Load(), Stored: s.Stored.Load(),
-		Duplicates: s.Duplicates.Load(), Rejected: s.Rejected.Load(), Delivered: s.Delivered.Load(),
+		Duplicates: s.Duplicates.Load(), Rejected: s.Rejected.Load(), Overloaded: s.Overloaded.Load(), Delivered: s.Delivered.Load(),
 		DeliverAcked: s.DeliverAcked.Load(), DeliverFailed: s.DeliverFailed.Load(),
 		DeliverTimeouts: s.DeliverTimeouts.Load(), Redirected: s.Redirected.Load(),
 		Finished: s.Finished.Load(), Unrouted: s.Unrouted.Load(), DeadLettered: s.DeadLettered.Load(),
