@@ -10,6 +10,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/kiteq/kiteq/protocol"
 	"github.com/kiteq/kiteq/registry/binding"
 	"github.com/kiteq/kiteq/storage"
 )
@@ -189,6 +190,10 @@ func (e *engine) group(name string) *group {
 // binding matches it, except the groups that already acknowledged it.
 func (e *engine) dispatch(m *storage.Message, fly bool) {
 	h := m.Header
+	if at := deliverAt(h); at.After(e.now()) {
+		e.hold(m, fly, at)
+		return
+	}
 	matches := e.routes.match(h.GetTopic(), h.GetMessageType())
 	done := make(map[string]bool, len(m.SuccGroups))
 	for _, g := range m.SuccGroups {
@@ -234,6 +239,28 @@ func (e *engine) dispatch(m *storage.Message, fly bool) {
 	for _, d := range ds {
 		d.g.enqueue(d)
 	}
+}
+
+// deliverAt is when the producer asked the message to be delivered, or
+// the zero time for at once.
+func deliverAt(h *protocol.Header) time.Time {
+	if ms := h.GetDeliverAt(); ms > 0 {
+		return time.UnixMilli(ms)
+	}
+	return time.Time{}
+}
+
+// hold keeps a delayed message until at. The store learns the time first
+// (a message committed after its publish is due at its commit), so that a
+// restart delivers it no earlier either.
+func (e *engine) hold(m *storage.Message, fly bool, at time.Time) {
+	e.unclaim(m.ID())
+	if !fly && m.NextDeliverTime.Before(at) {
+		r := storage.DeliveryResult{MessageID: m.ID(), DeliverCount: m.DeliverCount, NextDeliverTime: at,
+			SuccGroups: m.SuccGroups, FailGroups: m.FailGroups}
+		e.storeAsync("hold until deliverAt", func(ctx context.Context) error { return e.store.RecordDelivery(ctx, r) })
+	}
+	e.after(time.Until(at), func() { e.dispatch(m, fly) })
 }
 
 // claimed holds the place of a flight while a commit reads its message.

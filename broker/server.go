@@ -359,6 +359,8 @@ func (s *Server) publish(sess *session, p *protocol.Packet) error {
 	m := storage.NewMessage(msg, now)
 	if !m.Committed {
 		m.NextDeliverTime = now.Add(s.opts.TxCheckDelay) // the first check
+	} else if at := deliverAt(h); at.After(now) {
+		m.NextDeliverTime = at // held until then, across restarts too
 	}
 	if h.GetFly() {
 		s.storeAck(sess, p.Opaque, h.GetMessageId(), true, "fly: not stored")
@@ -418,6 +420,14 @@ func (s *Server) validate(h *protocol.Header, now time.Time) string {
 		return fmt.Sprintf("message expired at %s", time.Unix(h.GetExpiredTime(), 0).UTC().Format(time.RFC3339))
 	case h.GetFly() && !h.GetCommit():
 		return "a fly message must be committed: it is never stored"
+	case h.GetDeliverAt() > 0 && h.GetFly():
+		return "a fly message cannot be delayed (deliverAt): it is never stored"
+	case h.GetDeliverAt() > 0 && h.GetExpiredTime() > 0 && h.GetDeliverAt() > h.GetExpiredTime()*1000:
+		return fmt.Sprintf("deliverAt %s is after the message expires (%s)",
+			time.UnixMilli(h.GetDeliverAt()).UTC().Format(time.RFC3339Nano), time.Unix(h.GetExpiredTime(), 0).UTC().Format(time.RFC3339))
+	case h.GetDeliverAt() > now.Add(s.opts.MaxLifetime).UnixMilli():
+		return fmt.Sprintf("deliverAt %s is further away than the longest a message is kept (%s)",
+			time.UnixMilli(h.GetDeliverAt()).UTC().Format(time.RFC3339Nano), s.opts.MaxLifetime)
 	}
 	return ""
 }

@@ -460,6 +460,9 @@ type Header struct {
 	Properties    []*Entry               `protobuf:"bytes,9,rep,name=properties" json:"properties,omitempty"`
 	CreateTime    *int64                 `protobuf:"varint,10,opt,name=createTime" json:"createTime,omitempty"`
 	Snappy        *bool                  `protobuf:"varint,11,opt,name=snappy" json:"snappy,omitempty"`
+	// Not in v1: deliver no earlier than this (unix milliseconds); absent or
+	// 0 delivers at once. A v1 client ignores it.
+	DeliverAt     *int64 `protobuf:"varint,12,opt,name=deliverAt" json:"deliverAt,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -569,6 +572,13 @@ func (x *Header) GetSnappy() bool {
 		return *x.Snappy
 	}
 	return false
+}
+
+func (x *Header) GetDeliverAt() int64 {
+	if x != nil && x.DeliverAt != nil {
+		return *x.DeliverAt
+	}
+	return 0
 }
 
 // BYTES_MESSAGE (0x11).
@@ -911,7 +921,7 @@ const file_kiteq_proto_rawDesc = "" +
 	"\bfeedback\x18\x03 \x02(\tR\bfeedback\"/\n" +
 	"\x05Entry\x12\x10\n" +
 	"\x03key\x18\x01 \x02(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x02(\tR\x05value\"\xd3\x02\n" +
+	"\x05value\x18\x02 \x02(\tR\x05value\"\xf1\x02\n" +
 	"\x06Header\x12\x1c\n" +
 	"\tmessageId\x18\x01 \x02(\tR\tmessageId\x12\x14\n" +
 	"\x05topic\x18\x02 \x02(\tR\x05topic\x12 \n" +
@@ -928,7 +938,8 @@ const file_kiteq_proto_rawDesc = "" +
 	"createTime\x18\n" +
 	" \x01(\x03R\n" +
 	"createTime\x12\x16\n" +
-	"\x06snappy\x18\v \x01(\bR\x06snappy\"L\n" +
+	"\x06snappy\x18\v \x01(\bR\x06snappy\x12\x1c\n" +
+	"\tdeliverAt\x18\f \x01(\x03R\tdeliverAt\"L\n" +
 	"\fBytesMessage\x12(\n" +
 	"\x06header\x18\x01 \x02(\v2\x10.protocol.HeaderR\x06header\x12\x12\n" +
 	"\x04body\x18\x02 \x02(\fR\x04body\"M\n" +

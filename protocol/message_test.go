@@ -172,7 +172,8 @@ func TestMarshalUnmarshalClone(t *testing.T) {
 }
 
 // TestWireContract pins the schema to the table in ARCHITECTURE.md: field
-// numbers and required labels are what v1 clients parse.
+// numbers and required labels are what v1 clients parse. Fields of our own
+// are optional and numbered above v1's.
 func TestWireContract(t *testing.T) {
 	type field struct {
 		num      protoreflect.FieldNumber
@@ -191,7 +192,9 @@ func TestWireContract(t *testing.T) {
 		&Header{}: {"messageId": {1, true, false}, "topic": {2, true, false}, "messageType": {3, true, false},
 			"expiredTime": {4, true, false}, "deliveryLimit": {5, true, false}, "groupId": {6, true, false},
 			"commit": {7, true, false}, "fly": {8, true, false}, "properties": {9, false, true},
-			"createTime": {10, false, false}, "snappy": {11, false, false}},
+			"createTime": {10, false, false}, "snappy": {11, false, false},
+			// Not in v1 (optional, above the numbers in use): delayed delivery.
+			"deliverAt": {12, false, false}},
 		&BytesMessage{}:  {"header": {1, true, false}, "body": {2, true, false}},
 		&StringMessage{}: {"header": {1, true, false}, "body": {2, true, false}},
 	}
