@@ -7,6 +7,7 @@ require (
 	github.com/kiteq/kiteq/client-go v0.0.0-00010101000000-000000000000
 	github.com/kiteq/kiteq/protocol v0.0.0-00010101000000-000000000000
 	github.com/kiteq/kiteq/registry v0.0.0-00010101000000-000000000000
+	github.com/kiteq/kiteq/storage v0.0.0-00010101000000-000000000000
 	go.uber.org/fx v1.24.0
 	go.uber.org/goleak v1.3.0
 	go.uber.org/zap v1.28.0
@@ -14,7 +15,6 @@ require (
 )
 
 require (
-	github.com/kiteq/kiteq/storage v0.0.0-00010101000000-000000000000 // indirect
 	github.com/kiteq/kiteq/storage-file v0.0.0-00010101000000-000000000000 // indirect
 	go.uber.org/dig v1.19.0 // indirect
 	go.uber.org/multierr v1.10.0 // indirect
