@@ -199,6 +199,10 @@ func (e *engine) dispatch(m *storage.Message, fly bool) {
 	for _, g := range m.SuccGroups {
 		done[g] = true
 	}
+	failed := make(map[string]bool, len(m.FailGroups))
+	for _, g := range m.FailGroups {
+		failed[g] = true // its failures so far count toward the delivery limit
+	}
 	e.mu.Lock()
 	if f := e.flights[m.ID()]; e.stopped || (f != nil && f != claimed) {
 		e.mu.Unlock()
@@ -215,7 +219,11 @@ func (e *engine) dispatch(m *storage.Message, fly bool) {
 			g = &group{name: mt.group, e: e, watermark: e.routes.watermark(mt.group)}
 			e.groups[mt.group] = g
 		}
-		f.groups[mt.group] = &groupState{}
+		gs := &groupState{}
+		if failed[mt.group] {
+			gs.attempts = m.DeliverCount
+		}
+		f.groups[mt.group] = gs
 		ds = append(ds, &delivery{f: f, g: g, persistent: mt.persistent})
 	}
 	f.pending = len(ds)

@@ -20,6 +20,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/kiteq/kiteq/protocol"
+	"github.com/kiteq/kiteq/registry/binding"
 	"github.com/kiteq/kiteq/registry/static"
 	"github.com/kiteq/kiteq/storage"
 	"github.com/kiteq/kiteq/storage/memory"
@@ -431,4 +432,37 @@ func TestStopWaitsForRunningRetry(t *testing.T) {
 		time.Sleep(200 * time.Millisecond)
 		t.Fatalf("engine.stop returned while a retry was running; its store call ran after stop: %t", stored.Load())
 	}
+}
+
+// Bug (delivery.go dispatch): a message redelivered after a restart
+// started every failed group's attempts at 0, so a message with a delivery
+// limit of 3 that had failed twice before the restart was tried 3 more
+// times. The stored DeliverCount of the failed groups counts.
+func TestDeliveryLimitCountsFailuresBeforeARestart(t *testing.T) {
+	ctx := context.Background()
+	mem := memory.New(100)
+	t.Cleanup(func() { mem.Close() })
+	reg, err := static.NewServer("")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := reg.PublishBindings(ctx, "c", []*binding.Binding{binding.Bind_Direct("c", "trade", "t", 10, true)}); err != nil {
+		t.Fatal(err)
+	}
+	msg := newMessage("trade", "t", "failed twice already")
+	msg.Header.DeliveryLimit = proto.Int32(3)
+	m := storage.NewMessage(msg, time.Now())
+	m.DeliverCount, m.FailGroups = 2, []string{"c"}
+	if _, err := mem.Save(ctx, m); err != nil {
+		t.Fatal(err)
+	}
+	b := startOn(t, mem, reg, nil)
+	cons := connect(t, b.Addr(), "c")
+	op, got := cons.receive()
+	cons.ack(op, got, "c", false)
+	cons.expectNothing(500 * time.Millisecond) // the third failure was the last
+	eventually(t, "dead-lettered", func() bool {
+		dl, err := mem.DeadLetters(ctx, "", 10)
+		return err == nil && len(dl) == 1 && strings.Contains(dl[0].Reason, "delivery limit 3")
+	})
 }

@@ -145,11 +145,12 @@ func (c *txChecker) check(ctx context.Context, m *storage.Message, now time.Time
 	}
 	pkt := &protocol.TxACKPacket{Header: m.Header, Status: new(int32(protocol.TxUnknown)),
 		Feedback: new(fmt.Sprintf("check %d of %d", count, o.TxCheckLimit))}
+	c.s.stats.TxChecks.Add(1) // before the send: the answer may come at once
 	if !sess.send(sess.opaque.Add(1), protocol.CmdTxAck, pkt) {
+		c.s.stats.TxChecks.Add(-1)
 		c.s.stats.TxChecksUnsent.Add(1)
 		return false, nil
 	}
-	c.s.stats.TxChecks.Add(1)
 	return true, nil
 }
 
