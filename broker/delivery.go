@@ -44,6 +44,7 @@ const (
 	resultSkipped // no live consumer and a non-persistent binding
 	resultFailed  // this attempt failed; a retry follows
 	resultGaveUp  // delivery limit or expiry reached
+	resultExpired // expired while waiting for a retry: gives up, not an attempt
 )
 
 // delivery is one message on its way to one group.
@@ -64,9 +65,15 @@ func (f *flight) groupResult(d *delivery, r deliveryResult, reason string) {
 		return
 	}
 	var retryIn time.Duration
+	retry := false
 	switch r {
 	case resultAcked, resultSkipped:
 		gs.result = r
+		f.pending--
+	case resultExpired:
+		gs.result = resultGaveUp
+		gs.reason = fmt.Sprintf("expired at %s before its retry; last failure: %s",
+			e.expiry(f.msg).UTC().Format(time.RFC3339), gs.reason)
 		f.pending--
 	case resultFailed:
 		gs.attempts++
@@ -83,7 +90,7 @@ func (f *flight) groupResult(d *delivery, r deliveryResult, reason string) {
 			f.pending--
 		default:
 			gs.result = resultFailed
-			retryIn = e.retryDelay(gs.attempts)
+			retryIn, retry = e.retryDelay(gs.attempts), true
 		}
 	}
 	finished := f.pending == 0
@@ -107,8 +114,14 @@ func (f *flight) groupResult(d *delivery, r deliveryResult, reason string) {
 	if record != nil {
 		e.storeAsync("record delivery", func(ctx context.Context) error { return e.store.RecordDelivery(ctx, *record) })
 	}
-	if retryIn > 0 {
-		e.after(retryIn, func() { g.enqueue(d) })
+	if retry {
+		e.after(retryIn, func() {
+			if e.now().After(e.expiry(f.msg)) {
+				f.groupResult(d, resultExpired, "") // given up, not delivered
+				return
+			}
+			g.enqueue(d)
+		})
 	}
 	if finished {
 		e.finish(f, deadReason, final)
@@ -160,7 +173,7 @@ type engine struct {
 	flights map[string]*flight
 	stopped bool
 
-	timers map[*time.Timer]struct{} // retries waiting for their time
+	timers map[Timer]struct{} // retries and delayed messages waiting for their time
 
 	routes *router
 	wg     sync.WaitGroup // store calls in progress
@@ -168,9 +181,9 @@ type engine struct {
 
 func newEngine(log *zap.Logger, store storage.Store, opts Options, stats *Stats) *engine {
 	return &engine{
-		log: log, store: store, opts: opts, stats: stats, now: time.Now,
+		log: log, store: store, opts: opts, stats: stats, now: opts.clock().Now,
 		groups: make(map[string]*group), flights: make(map[string]*flight),
-		routes: newRouter(), timers: make(map[*time.Timer]struct{}),
+		routes: newRouter(), timers: make(map[Timer]struct{}),
 	}
 }
 
@@ -268,7 +281,7 @@ func (e *engine) hold(m *storage.Message, fly bool, at time.Time) {
 			SuccGroups: m.SuccGroups, FailGroups: m.FailGroups}
 		e.storeAsync("hold until deliverAt", func(ctx context.Context) error { return e.store.RecordDelivery(ctx, r) })
 	}
-	e.after(time.Until(at), func() { e.dispatch(m, fly) })
+	e.after(at.Sub(e.now()), func() { e.dispatch(m, fly) })
 }
 
 // claimed holds the place of a flight while a commit reads its message.
@@ -355,8 +368,8 @@ func (e *engine) after(d time.Duration, fn func()) {
 	if e.stopped {
 		return
 	}
-	var t *time.Timer
-	t = time.AfterFunc(d, func() {
+	var t Timer
+	t = e.opts.clock().AfterFunc(d, func() {
 		e.mu.Lock()
 		_, live := e.timers[t]
 		delete(e.timers, t)

@@ -67,6 +67,8 @@ type Options struct {
 	// store; a publish past it gets a failed store-ack (overload), so a
 	// store slower than its producers cannot fill the broker's memory.
 	MaxPendingBytes int64
+	// Clock is the broker's time (clock.go); nil is the system clock.
+	Clock Clock
 	// ShutdownTimeout bounds a graceful stop.
 	ShutdownTimeout time.Duration
 }

@@ -245,7 +245,8 @@ func (s *Server) sweepLoop() {
 		select {
 		case <-s.stopLoops:
 			return
-		case now := <-t.C:
+		case <-t.C:
+			now := s.engine.now()
 			s.mu.Lock()
 			sessions := make([]*session, 0, len(s.sessions))
 			for sess := range s.sessions {
@@ -336,7 +337,7 @@ func (s *Server) publish(sess *session, p *protocol.Packet) error {
 		return nil
 	}
 	h := msg.GetHeader()
-	now := time.Now()
+	now := s.engine.now()
 	if reason := s.validate(h, now); reason != "" {
 		s.storeAck(sess, p.Opaque, h.GetMessageId(), false, reason)
 		return nil

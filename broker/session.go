@@ -193,7 +193,7 @@ func (s *session) deliver(d *delivery) bool {
 		s.mu.Unlock()
 		return false
 	}
-	s.inflight[opaque] = &inflightDelivery{d: d, deadline: time.Now().Add(s.srv.opts.DeliverTimeout)}
+	s.inflight[opaque] = &inflightDelivery{d: d, deadline: s.srv.engine.now().Add(s.srv.opts.DeliverTimeout)}
 	s.mu.Unlock()
 	if !s.send(opaque, d.f.msg.Cmd, d.f.msg.Protocol()) {
 		s.mu.Lock()

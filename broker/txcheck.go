@@ -41,7 +41,7 @@ type txChecker struct {
 const maxOrigins = 100_000
 
 func newTxChecker(s *Server) *txChecker {
-	return &txChecker{s: s, now: time.Now, buckets: make(map[string]*tokenBucket), origins: make(map[string]*session)}
+	return &txChecker{s: s, now: s.opts.clock().Now, buckets: make(map[string]*tokenBucket), origins: make(map[string]*session)}
 }
 
 // sent remembers that sess published the uncommitted message id.
