@@ -28,6 +28,22 @@ type flight struct {
 	groups  map[string]*groupState
 	pending int // groups that have not finished
 	ended   bool
+	// stored is closed when the flight's last store call so far is done:
+	// each call waits for the one before, so the store sees the message's
+	// changes in the order they were made.
+	stored chan struct{}
+}
+
+// storeSlot is a flight's place in the order of its store calls: wait for
+// prev, then close done.
+type storeSlot struct{ prev, done chan struct{} }
+
+// slotLocked takes the next place in f's store calls. The caller holds
+// f.mu, so the places follow the changes they store.
+func (f *flight) slotLocked() storeSlot {
+	s := storeSlot{prev: f.stored, done: make(chan struct{})}
+	f.stored = s.done
+	return s
 }
 
 type groupState struct {
@@ -98,8 +114,10 @@ func (f *flight) groupResult(d *delivery, r deliveryResult, reason string) {
 		f.ended = true
 	}
 	var record *storage.DeliveryResult
+	var recordSlot, finishSlot storeSlot
 	if !f.fly && r == resultFailed && !finished {
 		record = f.resultLocked(now.Add(retryIn))
+		recordSlot = f.slotLocked()
 	}
 	var deadReason string
 	var final *storage.DeliveryResult
@@ -108,11 +126,12 @@ func (f *flight) groupResult(d *delivery, r deliveryResult, reason string) {
 		if deadReason != "" && !f.fly {
 			final = f.resultLocked(now) // the dead letter keeps each group's result
 		}
+		finishSlot = f.slotLocked()
 	}
 	f.mu.Unlock()
 
 	if record != nil {
-		e.storeAsync("record delivery", func(ctx context.Context) error { return e.store.RecordDelivery(ctx, *record) })
+		e.storeInOrder("record delivery", recordSlot, func(ctx context.Context) error { return e.store.RecordDelivery(ctx, *record) })
 	}
 	if retry {
 		e.after(retryIn, func() {
@@ -124,7 +143,7 @@ func (f *flight) groupResult(d *delivery, r deliveryResult, reason string) {
 		})
 	}
 	if finished {
-		e.finish(f, deadReason, final)
+		e.finish(f, deadReason, final, finishSlot)
 	}
 }
 
@@ -254,7 +273,7 @@ func (e *engine) dispatch(m *storage.Message, fly bool) {
 				zap.String("messageType", h.GetMessageType()))
 		}
 		f.ended = true
-		e.finish(f, "", nil)
+		e.finish(f, "", nil, f.slotLocked()) // f is not shared yet
 		return
 	}
 	for _, d := range ds {
@@ -312,7 +331,7 @@ func (e *engine) unclaim(id string) {
 // reason, and with each group's result (final) when a group gave up. The
 // flight stays registered until the store has done so, so that a repeated
 // commit in between cannot start it again.
-func (e *engine) finish(f *flight, deadReason string, final *storage.DeliveryResult) {
+func (e *engine) finish(f *flight, deadReason string, final *storage.DeliveryResult, slot storeSlot) {
 	id := f.msg.ID()
 	if deadReason == "" {
 		e.stats.Finished.Add(1)
@@ -331,7 +350,7 @@ func (e *engine) finish(f *flight, deadReason string, final *storage.DeliveryRes
 		forget()
 		return
 	}
-	e.storeAsync("finish", func(ctx context.Context) error {
+	e.storeInOrder("finish", slot, func(ctx context.Context) error {
 		defer forget()
 		if deadReason == "" {
 			return e.store.Delete(ctx, id)
@@ -358,6 +377,18 @@ func (e *engine) storeAsync(what string, fn func(ctx context.Context) error) {
 			e.log.Error("store call failed", zap.String("op", what), zap.Error(err))
 		}
 	}()
+}
+
+// storeInOrder runs fn as storeAsync does, once the store call before it
+// in slot's order is done.
+func (e *engine) storeInOrder(what string, slot storeSlot, fn func(ctx context.Context) error) {
+	e.storeAsync(what, func(ctx context.Context) error {
+		defer close(slot.done)
+		if slot.prev != nil {
+			<-slot.prev
+		}
+		return fn(ctx)
+	})
 }
 
 // after runs fn after d unless the engine stops first. A waiting retry

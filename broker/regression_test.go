@@ -466,3 +466,53 @@ func TestDeliveryLimitCountsFailuresBeforeARestart(t *testing.T) {
 		return err == nil && len(dl) == 1 && strings.Contains(dl[0].Reason, "delivery limit 3")
 	})
 }
+
+// slowFirstRecordStore delays the first RecordDelivery.
+type slowFirstRecordStore struct {
+	*memory.Store
+	calls atomic.Int32
+	delay time.Duration
+}
+
+func (s *slowFirstRecordStore) RecordDelivery(ctx context.Context, r storage.DeliveryResult) error {
+	if s.calls.Add(1) == 1 {
+		time.Sleep(s.delay)
+	}
+	return s.Store.RecordDelivery(ctx, r)
+}
+
+// Bug (delivery.go groupResult, finish): every store call of a flight ran
+// in its own goroutine, so a slow RecordDelivery of an early failure could
+// reach the store after the message was dead-lettered (an error, and the
+// dead letter's state could be overwritten by an older one). A flight's
+// store calls now run in the order they were made.
+func TestStoreCallsOfAMessageKeepTheirOrder(t *testing.T) {
+	mem := memory.New(100)
+	t.Cleanup(func() { mem.Close() })
+	reg, err := static.NewServer("")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := startOn(t, &slowFirstRecordStore{Store: mem, delay: 400 * time.Millisecond}, reg, nil)
+	cons := connect(t, b.Addr(), "c")
+	cons.bind("c", bindDirect("c", "trade", "t", 10, true))
+	m := newMessage("trade", "t", "twice refused")
+	m.Header.DeliveryLimit = proto.Int32(2)
+	connect(t, b.Addr(), "p").publish(m)
+	for range 2 {
+		op, got := cons.receive()
+		cons.ack(op, got, "c", false)
+	}
+	eventually(t, "dead-lettered", func() bool {
+		dl, err := mem.DeadLetters(context.Background(), "", 10)
+		return err == nil && len(dl) == 1
+	})
+	time.Sleep(500 * time.Millisecond) // the slow call is done
+	if st := b.Stats(); st.StoreErrors != 0 {
+		t.Fatalf("%d store calls failed", st.StoreErrors)
+	}
+	dl, _ := mem.DeadLetters(context.Background(), "", 10)
+	if d := dl[0].Message; d.DeliverCount != 2 || strings.Join(d.FailGroups, ",") != "c" {
+		t.Fatalf("dead letter: count %d, failed groups %q; want 2, [c]", d.DeliverCount, d.FailGroups)
+	}
+}
