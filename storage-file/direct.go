@@ -37,11 +37,11 @@ type directWriter struct {
 	tail []byte // the bytes of the block that holds the end of the log, before it
 }
 
-// openDirectFile and pwrite are the system calls of direct writes; tests
+// openForDirectIO and pwrite are the system calls of direct writes; tests
 // replace them to make them fail.
 var (
-	openDirectFile = func(name string) (*os.File, error) {
-		return os.OpenFile(name, os.O_WRONLY|syscall.O_DIRECT|syscall.O_DSYNC, 0)
+	openForDirectIO = func(name string, flag int) (*os.File, error) {
+		return os.OpenFile(name, flag|syscall.O_DIRECT, 0)
 	}
 	pwrite = func(f *os.File, b []byte, off int64) error {
 		_, err := f.WriteAt(b, off)
@@ -52,7 +52,7 @@ var (
 // openDirect opens seg for direct appends at end. It returns nil, nil when
 // the file system does not support direct I/O.
 func openDirect(seg *segment, end int64) (*directWriter, error) {
-	f, err := openDirectFile(seg.f.Name())
+	f, err := openForDirectIO(seg.f.Name(), os.O_WRONLY|syscall.O_DSYNC)
 	if errors.Is(err, syscall.EINVAL) || errors.Is(err, syscall.EOPNOTSUPP) {
 		return nil, nil
 	}

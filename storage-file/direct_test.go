@@ -6,10 +6,12 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
+	"unsafe"
 
 	"go.uber.org/zap/zaptest/observer"
 
@@ -28,9 +30,9 @@ func preallocatedStore(t *testing.T, dir string, size int64) {
 
 // refuseDirectIO makes the file system refuse O_DIRECT until the test ends.
 func refuseDirectIO(t *testing.T) {
-	orig := openDirectFile
-	openDirectFile = func(string) (*os.File, error) { return nil, syscall.EINVAL }
-	t.Cleanup(func() { openDirectFile = orig })
+	orig := openForDirectIO
+	openForDirectIO = func(string, int) (*os.File, error) { return nil, syscall.EINVAL }
+	t.Cleanup(func() { openForDirectIO = orig })
 }
 
 // directSizes are body sizes whose records end before, at and after block
@@ -263,5 +265,89 @@ func TestDirectWriteErrorStopsWrites(t *testing.T) {
 		if got := getState(t, s, id); got != "committed" {
 			t.Errorf("acknowledged message %s: %s after a restart", id, got)
 		}
+	}
+}
+
+// The spare segment is whole zeros whatever its size, with direct I/O and
+// without it (a file system that refuses O_DIRECT, such as an old tmpfs).
+func TestSpareSegmentIsAllZeros(t *testing.T) {
+	const segment = 3<<20 + 5000 // over the 1 MiB chunk, not whole blocks nor of chunks
+	for _, direct := range []bool{true, false} {
+		t.Run(fmt.Sprint("direct=", direct), func(t *testing.T) {
+			if !direct {
+				refuseDirectIO(t)
+			}
+			dir := t.TempDir()
+			s := openTest(t, dir, func(o *Options) { o.SegmentSize = segment })
+			defer s.Close()
+			saveOne(t, s) // a new store asks for a spare at once
+			path := filepath.Join(dir, spareName)
+			deadline := time.Now().Add(10 * time.Second)
+			for {
+				if st, err := os.Stat(path); err == nil && st.Size() == segment {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatal("no spare segment of the segment size")
+				}
+				time.Sleep(20 * time.Millisecond)
+			}
+			// The last write gives the file its size: everything before it
+			// is written.
+			b, err := os.ReadFile(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(b) != segment || !allZeros(b) {
+				t.Fatalf("spare: %d bytes, all zero %v", len(b), allZeros(b))
+			}
+		})
+	}
+}
+
+// cachestat reports the dirty pages of f in the page cache (Linux 6.5+).
+func dirtyPages(t *testing.T, f *os.File) uint64 {
+	t.Helper()
+	var rng struct{ off, len uint64 }
+	var cs struct{ cache, dirty, writeback, evicted, recentlyEvicted uint64 }
+	const sysCachestat = 451
+	if _, _, errno := syscall.Syscall6(sysCachestat, f.Fd(), uintptr(unsafe.Pointer(&rng)), uintptr(unsafe.Pointer(&cs)), 0, 0, 0); errno != 0 {
+		t.Fatalf("cachestat: %v", errno)
+	}
+	return cs.dirty
+}
+
+// Records that an earlier run left in the page cache (fsync=never, or a
+// kill before an fsync) reach the disk before the first direct write of
+// this run: a direct write makes only its own blocks durable, and a power
+// loss that took those pages would end the log before the new records.
+func TestDirectWriterFlushesWhatAnEarlierRunLeftInTheCache(t *testing.T) {
+	const segment = 1 << 20
+	// The bytes of a log of 50 records, as a run with fsync=never wrote them.
+	src := t.TempDir()
+	s := openTest(t, src, func(o *Options) { o.Sync = SyncNever; o.SegmentSize = segment })
+	for range 50 {
+		saveOne(t, s)
+	}
+	s.Close()
+	log := must(os.ReadFile(segmentPath(src, 1)))
+
+	dir := t.TempDir()
+	preallocatedStore(t, dir, segment)
+	f := must(os.OpenFile(segmentPath(dir, 1), os.O_RDWR, 0))
+	defer f.Close()
+	if _, err := f.WriteAt(log, 0); err != nil { // through the page cache, not synced
+		t.Fatal(err)
+	}
+	if dirtyPages(t, f) == 0 {
+		t.Fatal("setup: the written records are not dirty in the page cache")
+	}
+	s = openTest(t, dir, func(o *Options) { o.SegmentSize = segment })
+	defer s.Close()
+	if s.direct == nil {
+		t.Fatal("setup: the store does not write directly")
+	}
+	if n := dirtyPages(t, f); n != 0 {
+		t.Fatalf("%d pages of the earlier run are still dirty when direct writes begin", n)
 	}
 }

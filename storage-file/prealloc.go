@@ -87,30 +87,31 @@ func (p *preparer) make() error {
 	return err
 }
 
-// writeZeros fills the empty file f with size zeros.
+// writeZeros fills the empty file f with size zeros: the whole blocks
+// directly when the file system allows it, the rest through f.
 func writeZeros(f *os.File, size int64) error {
 	const chunk = 1 << 20
-	w := f
-	aligned := size / directBlock * directBlock
-	if d, err := os.OpenFile(f.Name(), os.O_WRONLY|syscall.O_DIRECT, 0); err == nil {
-		defer d.Close()
-		w = d
-	} else {
-		aligned = 0
-	}
 	zeros := alignedZeros(chunk)
-	off := int64(0)
-	for ; off < aligned; off += chunk {
-		if _, err := w.WriteAt(zeros[:min(chunk, aligned-off)], off); err != nil {
+	fill := func(w *os.File, from, to int64) error {
+		for off := from; off < to; off += chunk {
+			if _, err := w.WriteAt(zeros[:min(chunk, to-off)], off); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	aligned := int64(0)
+	if d, err := openForDirectIO(f.Name(), os.O_WRONLY); err == nil {
+		aligned = size / directBlock * directBlock
+		err := fill(d, 0, aligned)
+		if cerr := d.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
 			return err
 		}
 	}
-	if off < size { // the part that is not a whole block, through the page cache
-		if _, err := f.WriteAt(zeros[:size-off], off); err != nil {
-			return err
-		}
-	}
-	return nil
+	return fill(f, aligned, size)
 }
 
 // request starts making a spare unless one is ready or being made.

@@ -24,6 +24,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"sync"
+	"syscall"
 	"time"
 
 	"go.uber.org/zap"
@@ -199,7 +200,9 @@ func (s *Store) recover() error {
 	} else {
 		last := s.segIDs[len(s.segIDs)-1]
 		s.preallocated = lastZeroTail
-		s.setActive(s.segs[last], s.idx.seg(last).size)
+		if err := s.setActive(s.segs[last], s.idx.seg(last).size); err != nil {
+			return err
+		}
 	}
 	fields := []zap.Field{
 		zap.String("dir", s.opts.Dir), zap.Stringer("fsync", s.opts.Sync), zap.Int("segments", len(s.segIDs)),
@@ -277,18 +280,26 @@ func (s *Store) roll() error {
 		s.direct.close()
 		s.direct = nil
 	}
-	s.setActive(seg, 0)
-	return nil
+	return s.setActive(seg, 0) // a new segment: nothing to sync, no error
 }
 
 // setActive makes seg, whose log ends at size, the segment that writes
 // append to, written directly when it can be. Direct I/O is only faster:
 // when the segment cannot be opened for it, writes go through the page
 // cache.
-func (s *Store) setActive(seg *segment, size int64) {
+func (s *Store) setActive(seg *segment, size int64) error {
 	s.active, s.activeSize = seg, size
 	if s.opts.Sync != SyncAlways || !s.preallocated || s.opts.SegmentSize%directBlock != 0 {
-		return
+		return nil
+	}
+	if size > 0 {
+		// A direct write makes only its own blocks durable. Records that an
+		// earlier run left in the page cache (with fsync=never, or killed
+		// before its fsync) must reach the disk first: were they lost, the
+		// log would end before the records written after them.
+		if err := syscall.Fdatasync(int(seg.f.Fd())); err != nil {
+			return fmt.Errorf("fsync %s: %w", seg.f.Name(), err)
+		}
 	}
 	d, err := openDirect(seg, size)
 	switch {
@@ -301,6 +312,7 @@ func (s *Store) setActive(seg *segment, size int64) {
 			zap.String("dir", s.opts.Dir))
 	}
 	s.direct = d
+	return nil
 }
 
 // enqueueLocked queues r for the writer, framed as enc (appendRecord;
@@ -521,11 +533,20 @@ func (s *Store) write(w *writeQueue) (int, error) {
 			continue
 		}
 		if s.direct != nil {
-			if err = s.direct.writeAt(w.buf[off:off+n], s.activeSize); err != nil {
+			err = s.direct.writeAt(w.buf[off:off+n], s.activeSize)
+			if errors.Is(err, syscall.EINVAL) {
+				// The device refuses this direct write (an alignment it
+				// needs): nothing was written. Write through the page cache.
+				s.log.Warn("file store: a direct write was refused; writes go through the page cache and fsync",
+					zap.String("segment", s.active.f.Name()), zap.Error(err))
+				s.direct.close()
+				s.direct, err = nil, nil
+			} else if err != nil {
 				err = s.undoDirectWrite(err, n)
 				break
 			}
-		} else {
+		}
+		if s.direct == nil {
 			if _, err = s.active.f.WriteAt(w.buf[off:off+n], s.activeSize); err != nil {
 				err = s.undoWrite(err)
 				break
