@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -123,7 +124,11 @@ func (s *Server) redeliverDeadLetter(w http.ResponseWriter, r *http.Request) {
 			http.StatusBadRequest)
 		return
 	}
-	err := s.store.Redeliver(r.Context(), id)
+	// Not the request's context: a client that goes away must not leave the
+	// message put back but not delivered.
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	err := s.store.Redeliver(ctx, id)
 	switch {
 	case errors.Is(err, storage.ErrNotFound):
 		http.Error(w, "no dead letter "+id, http.StatusNotFound)
@@ -134,15 +139,9 @@ func (s *Server) redeliverDeadLetter(w http.ResponseWriter, r *http.Request) {
 	}
 	s.stats.Redelivered.Add(1)
 	s.log.Info("dead letter put back for delivery", zap.String("id", id))
-	if s.engine.claim(id) {
-		m, err := s.store.Get(r.Context(), id)
-		if err != nil {
-			s.engine.unclaim(id)
-			http.Error(w, "put back, but not read: "+err.Error(), http.StatusServiceUnavailable)
-			return
-		}
-		s.engine.dispatch(m, false)
-	}
+	s.engine.storeAsync("deliver a dead letter put back", func(ctx context.Context) error {
+		return s.engine.deliverStored(ctx, id, storedReadTries)
+	})
 	w.Header().Set("Content-Type", "application/json")
 	fmt.Fprintf(w, "{\"id\":%q,\"redelivered\":true}\n", id)
 }

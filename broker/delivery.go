@@ -2,6 +2,7 @@ package broker
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sort"
 	"strings"
@@ -231,9 +232,14 @@ func (e *engine) dispatch(m *storage.Message, fly bool) {
 	for _, g := range m.SuccGroups {
 		done[g] = true
 	}
-	failed := make(map[string]bool, len(m.FailGroups))
-	for _, g := range m.FailGroups {
-		failed[g] = true // its failures so far count toward the delivery limit
+	// The store keeps one DeliverCount, the most failures of any group. It
+	// is the failed group's own count when that group is the only one that
+	// was delivered to: then its failures before a restart count toward
+	// the delivery limit. With several groups a group's own count is not
+	// known, and it starts again (more retries, never fewer).
+	failedAlone := ""
+	if len(m.FailGroups) == 1 && len(m.SuccGroups) == 0 {
+		failedAlone = m.FailGroups[0]
 	}
 	e.mu.Lock()
 	if f := e.flights[m.ID()]; e.stopped || (f != nil && f != claimed) {
@@ -252,7 +258,7 @@ func (e *engine) dispatch(m *storage.Message, fly bool) {
 			e.groups[mt.group] = g
 		}
 		gs := &groupState{}
-		if failed[mt.group] {
+		if mt.group == failedAlone {
 			gs.attempts = m.DeliverCount
 		}
 		f.groups[mt.group] = gs
@@ -274,6 +280,25 @@ func (e *engine) dispatch(m *storage.Message, fly bool) {
 		}
 		f.ended = true
 		e.finish(f, "", nil, f.slotLocked()) // f is not shared yet
+		return
+	}
+	if at := e.expiry(m); e.now().After(at) {
+		// Expired before it could be delivered (committed late, or held
+		// past its expiry): given up in every group, not delivered.
+		f.mu.Lock()
+		for _, gs := range f.groups {
+			gs.result = resultGaveUp
+			gs.reason = fmt.Sprintf("expired at %s before it was delivered", at.UTC().Format(time.RFC3339))
+		}
+		f.pending, f.ended = 0, true
+		dead := f.deadReasonLocked()
+		var final *storage.DeliveryResult
+		if !fly {
+			final = f.resultLocked(e.now())
+		}
+		slot := f.slotLocked()
+		f.mu.Unlock()
+		e.finish(f, dead, final, slot)
 		return
 	}
 	for _, d := range ds {
@@ -301,6 +326,34 @@ func (e *engine) hold(m *storage.Message, fly bool, at time.Time) {
 		e.storeAsync("hold until deliverAt", func(ctx context.Context) error { return e.store.RecordDelivery(ctx, r) })
 	}
 	e.after(at.Sub(e.now()), func() { e.dispatch(m, fly) })
+}
+
+// storedReadTries bounds the reads of deliverStored: one a second.
+const storedReadTries = 60
+
+// deliverStored delivers the stored message id, which a commit or a put
+// back has just made due. A read that fails is tried again a second later,
+// up to tries times in all, so that a passing store error does not leave
+// the message waiting for the next restart.
+func (e *engine) deliverStored(ctx context.Context, id string, tries int) error {
+	if !e.claim(id) {
+		return nil // being delivered already
+	}
+	m, err := e.store.Get(ctx, id)
+	if err != nil {
+		e.unclaim(id)
+		if errors.Is(err, storage.ErrNotFound) {
+			return nil // delivered and finished already
+		}
+		if tries > 1 {
+			e.after(time.Second, func() {
+				e.storeAsync("deliver stored", func(ctx context.Context) error { return e.deliverStored(ctx, id, tries-1) })
+			})
+		}
+		return fmt.Errorf("read %s to deliver it: %w", id, err)
+	}
+	e.dispatch(m, false)
+	return nil
 }
 
 // claimed holds the place of a flight while a commit reads its message.
@@ -426,8 +479,10 @@ func (e *engine) retryDelay(failures int32) time.Duration {
 // expiry is when the message stops being delivered: its expiredTime,
 // capped at MaxLifetime after its creation.
 func (e *engine) expiry(m *storage.Message) time.Time {
-	created := time.Unix(m.Header.GetCreateTime(), 0)
-	limit := created.Add(e.opts.MaxLifetime)
+	limit := time.Unix(1<<62, 0) // no createTime (the broker sets one): no cap known
+	if ct := m.Header.GetCreateTime(); ct > 0 {
+		limit = time.Unix(ct, 0).Add(e.opts.MaxLifetime)
+	}
 	if et := m.Header.GetExpiredTime(); et > 0 && time.Unix(et, 0).Before(limit) {
 		return time.Unix(et, 0)
 	}

@@ -440,15 +440,7 @@ func TestStopWaitsForRunningRetry(t *testing.T) {
 // times. The stored DeliverCount of the failed groups counts.
 func TestDeliveryLimitCountsFailuresBeforeARestart(t *testing.T) {
 	ctx := context.Background()
-	mem := memory.New(100)
-	t.Cleanup(func() { mem.Close() })
-	reg, err := static.NewServer("")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := reg.PublishBindings(ctx, "c", []*binding.Binding{binding.Bind_Direct("c", "trade", "t", 10, true)}); err != nil {
-		t.Fatal(err)
-	}
+	mem, reg := storeAndBindings(t, "c")
 	msg := newMessage("trade", "t", "failed twice already")
 	msg.Header.DeliveryLimit = proto.Int32(3)
 	m := storage.NewMessage(msg, time.Now())
@@ -515,4 +507,46 @@ func TestStoreCallsOfAMessageKeepTheirOrder(t *testing.T) {
 	if d := dl[0].Message; d.DeliverCount != 2 || strings.Join(d.FailGroups, ",") != "c" {
 		t.Fatalf("dead letter: count %d, failed groups %q; want 2, [c]", d.DeliverCount, d.FailGroups)
 	}
+}
+
+// The stored DeliverCount is the most failures of any group: after a
+// restart it is not charged to a group that failed less (limit 5: group
+// a failed once, b four times; a is not given up at its second failure).
+func TestRestartDoesNotChargeOneGroupsFailuresToAnother(t *testing.T) {
+	ctx := context.Background()
+	mem, reg := storeAndBindings(t, "a", "b")
+	msg := newMessage("trade", "t", "a failed once, b four times")
+	msg.Header.DeliveryLimit = proto.Int32(5)
+	m := storage.NewMessage(msg, time.Now())
+	m.DeliverCount, m.FailGroups = 4, []string{"a", "b"}
+	if _, err := mem.Save(ctx, m); err != nil {
+		t.Fatal(err)
+	}
+	b := startOn(t, mem, reg, nil)
+	a := connect(t, b.Addr(), "a")
+	for range 2 {
+		op, got := a.receive()
+		a.ack(op, got, "a", false)
+	}
+	op, got := a.receive() // a third delivery: a has failed 3 times of 5
+	a.ack(op, got, "a", true)
+}
+
+// storeAndBindings is the memory store and registry a broker restarts
+// on: each group bound persistently to trade/t.
+func storeAndBindings(t *testing.T, groups ...string) (*memory.Store, *static.Server) {
+	t.Helper()
+	mem := memory.New(100)
+	t.Cleanup(func() { mem.Close() })
+	reg, err := static.NewServer("")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, g := range groups {
+		bs := []*binding.Binding{binding.Bind_Direct(g, "trade", "t", 10, true)}
+		if err := reg.PublishBindings(context.Background(), g, bs); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return mem, reg
 }

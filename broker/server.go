@@ -29,14 +29,15 @@ var errServerStopping = errors.New("broker stopping")
 
 // Server is a broker.
 type Server struct {
-	opts    Options
-	log     *zap.Logger
-	store   storage.Store
-	reg     registry.Server
-	secrets map[string]string // nil: any secret
-	stats   Stats
-	engine  *engine
-	txcheck *txChecker
+	opts      Options
+	log       *zap.Logger
+	store     storage.Store
+	reg       registry.Server
+	secrets   map[string]string // nil: any secret
+	stats     Stats
+	engine    *engine
+	txcheck   *txChecker
+	decisions decisionLocks // txcheck.go
 
 	ln       net.Listener
 	http     *http.Server
@@ -426,11 +427,19 @@ func (s *Server) validate(h *protocol.Header, now time.Time) string {
 	case h.GetDeliverAt() > 0 && h.GetExpiredTime() > 0 && h.GetDeliverAt() > h.GetExpiredTime()*1000:
 		return fmt.Sprintf("deliverAt %s is after the message expires (%s)",
 			time.UnixMilli(h.GetDeliverAt()).UTC().Format(time.RFC3339Nano), time.Unix(h.GetExpiredTime(), 0).UTC().Format(time.RFC3339))
-	case h.GetDeliverAt() > now.Add(s.opts.MaxLifetime).UnixMilli():
-		return fmt.Sprintf("deliverAt %s is further away than the longest a message is kept (%s)",
+	case h.GetDeliverAt() > s.created(h, now).Add(s.opts.MaxLifetime).UnixMilli():
+		return fmt.Sprintf("deliverAt %s is further away than the longest a message is kept (%s after its createTime)",
 			time.UnixMilli(h.GetDeliverAt()).UTC().Format(time.RFC3339Nano), s.opts.MaxLifetime)
 	}
 	return ""
+}
+
+// created is the message's createTime, or now when it has none.
+func (s *Server) created(h *protocol.Header, now time.Time) time.Time {
+	if h.CreateTime != nil {
+		return time.Unix(h.GetCreateTime(), 0)
+	}
+	return now
 }
 
 func (s *Server) storeAck(sess *session, opaque uint32, id string, ok bool, feedback string) {
@@ -497,31 +506,25 @@ func (s *Server) txAck(sess *session, p *protocol.Packet) error {
 			if err := waitSaved(ctx); err != nil {
 				return err
 			}
-			if err := s.store.Commit(ctx, id); err != nil {
+			unlock := s.lockDecision(id)
+			err := s.store.Commit(ctx, id)
+			unlock()
+			if err != nil {
 				return fmt.Errorf("commit %s: %w", id, err)
 			}
 			s.txcheck.decided(id)
 			s.stats.Committed.Add(1)
-			if !s.engine.claim(id) {
-				return nil // being delivered already
-			}
-			m, err := s.store.Get(ctx, id)
-			if err != nil {
-				s.engine.unclaim(id)
-				if errors.Is(err, storage.ErrNotFound) {
-					return nil // delivered and finished already
-				}
-				return err
-			}
-			s.engine.dispatch(m, false)
-			return nil
+			return s.engine.deliverStored(ctx, id, storedReadTries)
 		})
 	case protocol.TxRollback:
 		s.engine.storeAsync("rollback", func(ctx context.Context) error {
 			if err := waitSaved(ctx); err != nil {
 				return err
 			}
-			if err := s.store.Rollback(ctx, id); err != nil {
+			unlock := s.lockDecision(id)
+			err := s.store.Rollback(ctx, id)
+			unlock()
+			if err != nil {
 				return fmt.Errorf("rollback %s: %w", id, err)
 			}
 			s.txcheck.decided(id)

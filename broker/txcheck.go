@@ -2,7 +2,9 @@ package broker
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"hash/fnv"
 	"sync"
 	"time"
 
@@ -30,6 +32,8 @@ import (
 type txChecker struct {
 	s   *Server
 	now func() time.Time
+
+	cursor storage.Cursor // where the next pass starts; only run's goroutine uses it
 
 	mu      sync.Mutex
 	buckets map[string]*tokenBucket // by producer group
@@ -60,8 +64,15 @@ func (c *txChecker) decided(id string) {
 	c.mu.Unlock()
 }
 
-// run checks what is due every interval until stop is closed.
+// run checks what is due every interval until stop is closed; a pass in
+// progress stops at the next message once it is.
 func (c *txChecker) run(stop <-chan struct{}, every time.Duration) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() {
+		<-stop
+		cancel()
+	}()
 	t := time.NewTicker(every)
 	defer t.Stop()
 	for {
@@ -69,23 +80,25 @@ func (c *txChecker) run(stop <-chan struct{}, every time.Duration) {
 		case <-stop:
 			return
 		case <-t.C:
-			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-			if _, err := c.pass(ctx); err != nil {
-				c.s.log.Error("transaction check-back", zap.Error(err))
-			}
-			cancel()
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		if _, err := c.pass(ctx); err != nil && ctx.Err() == nil {
+			c.s.log.Error("transaction check-back", zap.Error(err))
 		}
 	}
 }
 
-// maxChecksPerPass bounds the messages one pass looks at, so that a large
-// backlog is worked through over several passes.
+// maxChecksPerPass bounds the due messages one pass looks at. A pass
+// starts where the last one stopped, so a group whose checks wait for
+// its rate does not hold back the groups behind it.
 const maxChecksPerPass = 5000
 
 // pass sends the checks that are due now and returns how many it sent.
 func (c *txChecker) pass(ctx context.Context) (int, error) {
 	now := c.now()
-	q := storage.DueQuery{Kind: storage.DueTxCheck, Before: now, Limit: 500}
+	q := storage.DueQuery{Kind: storage.DueTxCheck, Before: now, After: c.cursor, Limit: 500}
 	sent, seen := 0, 0
 	full := make(map[string]bool) // groups out of tokens in this pass
 	for seen < maxChecksPerPass {
@@ -94,16 +107,23 @@ func (c *txChecker) pass(ctx context.Context) (int, error) {
 			return sent, fmt.Errorf("due transaction checks: %w", err)
 		}
 		for _, m := range page {
+			if err := ctx.Err(); err != nil {
+				return sent, err
+			}
 			seen++
+			c.cursor = m.Cursor()
 			ok, err := c.check(ctx, m, now, full)
 			if err != nil {
-				return sent, err
+				// One message's store call failed: log it, go on with
+				// the others; it is still due and is checked again.
+				c.s.log.Error("transaction check", zap.String("id", m.ID()), zap.Error(err))
 			}
 			if ok {
 				sent++
 			}
 		}
 		if len(page) < q.Limit {
+			c.cursor = storage.Cursor{} // the end: the next pass starts over
 			break
 		}
 		q.After = page[len(page)-1].Cursor()
@@ -112,12 +132,38 @@ func (c *txChecker) pass(ctx context.Context) (int, error) {
 }
 
 // check sends one check of m, or dead-letters m when it had all its
-// checks. It reports whether a check went out.
+// checks or expired. It reports whether a check went out. It holds the
+// lock of m's decisions, and acts on the message as it is then: a
+// decision that came after the page was read wins.
 func (c *txChecker) check(ctx context.Context, m *storage.Message, now time.Time, full map[string]bool) (bool, error) {
 	o := c.s.opts
 	id, group := m.ID(), m.Header.GetGroupId()
-	if m.DeliverCount >= int32(o.TxCheckLimit) {
-		reason := fmt.Sprintf("no transaction decision after %d checks", m.DeliverCount)
+	if full[group] {
+		return false, nil // stays due: a later pass checks it
+	}
+	unlock := c.s.lockDecision(id)
+	defer unlock()
+	m, err := c.s.store.Get(ctx, id)
+	if errors.Is(err, storage.ErrNotFound) {
+		c.decided(id)
+		return false, nil // rolled back, or dead-lettered
+	}
+	if err != nil {
+		return false, err
+	}
+	if m.Committed {
+		c.decided(id)
+		return false, nil
+	}
+	reason := ""
+	switch {
+	case now.After(c.s.engine.expiry(m)):
+		reason = fmt.Sprintf("expired at %s without a transaction decision after %d checks",
+			c.s.engine.expiry(m).UTC().Format(time.RFC3339), m.DeliverCount)
+	case m.DeliverCount >= int32(o.TxCheckLimit):
+		reason = fmt.Sprintf("no transaction decision after %d checks", m.DeliverCount)
+	}
+	if reason != "" {
 		if err := c.s.store.DeadLetter(ctx, id, reason); err != nil {
 			return false, fmt.Errorf("dead-letter %s: %w", id, err)
 		}
@@ -127,9 +173,9 @@ func (c *txChecker) check(ctx context.Context, m *storage.Message, now time.Time
 		c.s.log.Warn("message dead-lettered", zap.String("id", id), zap.String("group", group), zap.String("reason", reason))
 		return false, nil
 	}
-	if full[group] || !c.bucket(group).take(now) {
+	if !c.bucket(group).take(now) {
 		full[group] = true
-		return false, nil // stays due: a later pass checks it
+		return false, nil
 	}
 	count := m.DeliverCount + 1
 	r := storage.DeliveryResult{MessageID: id, DeliverCount: count, NextDeliverTime: now.Add(o.txCheckDelay(count))}
@@ -207,4 +253,17 @@ func (b *tokenBucket) take(now time.Time) bool {
 	}
 	b.tokens--
 	return true
+}
+
+// decisionLocks serialize what happens to one uncommitted message: the
+// producer's commit or rollback, and the checker's check or dead letter.
+type decisionLocks [64]sync.Mutex
+
+// lockDecision locks the decisions of id and returns the unlock.
+func (s *Server) lockDecision(id string) func() {
+	h := fnv.New32a()
+	h.Write([]byte(id))
+	mu := &s.decisions[h.Sum32()%uint32(len(s.decisions))]
+	mu.Lock()
+	return mu.Unlock
 }
