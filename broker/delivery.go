@@ -423,25 +423,32 @@ func (e *engine) storeAsync(what string, fn func(ctx context.Context) error) {
 	e.wg.Add(1)
 	go func() {
 		defer e.wg.Done()
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer cancel()
-		if err := fn(ctx); err != nil {
-			e.stats.StoreErrors.Add(1)
-			e.log.Error("store call failed", zap.String("op", what), zap.Error(err))
-		}
+		e.storeCall(what, fn)
 	}()
 }
 
+// storeCall runs fn with a time limit and counts and logs its failure.
+func (e *engine) storeCall(what string, fn func(ctx context.Context) error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := fn(ctx); err != nil {
+		e.stats.StoreErrors.Add(1)
+		e.log.Error("store call failed", zap.String("op", what), zap.Error(err))
+	}
+}
+
 // storeInOrder runs fn as storeAsync does, once the store call before it
-// in slot's order is done.
+// in slot's order is done; its time limit starts then.
 func (e *engine) storeInOrder(what string, slot storeSlot, fn func(ctx context.Context) error) {
-	e.storeAsync(what, func(ctx context.Context) error {
+	e.wg.Add(1)
+	go func() {
+		defer e.wg.Done()
 		defer close(slot.done)
 		if slot.prev != nil {
 			<-slot.prev
 		}
-		return fn(ctx)
-	})
+		e.storeCall(what, fn)
+	}()
 }
 
 // after runs fn after d unless the engine stops first. A waiting retry
