@@ -142,6 +142,13 @@ func (s *Server) Stop(ctx context.Context) error {
 	}
 	ctx, cancel := context.WithTimeout(ctx, s.opts.ShutdownTimeout)
 	defer cancel()
+	if s.http != nil {
+		// Admin requests in progress (a put back) finish before the
+		// engine stops.
+		if err := s.http.Shutdown(ctx); err != nil {
+			s.log.Warn("admin server shutdown", zap.Error(err))
+		}
+	}
 	s.closeListeners()
 	if err := s.reg.UnpublishServer(ctx, s.Addr(), s.opts.Topics); err != nil {
 		s.log.Warn("unregister", zap.Error(err))
