@@ -325,7 +325,19 @@ func (e *engine) hold(m *storage.Message, fly bool, at time.Time) {
 			SuccGroups: m.SuccGroups, FailGroups: m.FailGroups}
 		e.storeAsync("hold until deliverAt", func(ctx context.Context) error { return e.store.RecordDelivery(ctx, r) })
 	}
-	e.after(at.Sub(e.now()), func() { e.dispatch(m, fly) })
+	if fly {
+		e.after(at.Sub(e.now()), func() { e.dispatch(m, fly) })
+		return
+	}
+	e.deliverLater(m.ID(), at.Sub(e.now()))
+}
+
+// deliverLater delivers the stored message id after d. Only the id waits
+// in memory: the message is read from the store when its time comes.
+func (e *engine) deliverLater(id string, d time.Duration) {
+	e.after(d, func() {
+		e.storeAsync("deliver when due", func(ctx context.Context) error { return e.deliverStored(ctx, id, storedReadTries) })
+	})
 }
 
 // storedReadTries bounds the reads of deliverStored: one a second.
@@ -511,7 +523,7 @@ func (e *engine) recover(ctx context.Context) (int, error) {
 		}
 		for _, m := range page {
 			if wait := m.NextDeliverTime.Sub(now); wait > 0 {
-				e.after(wait, func() { e.dispatch(m, false) })
+				e.deliverLater(m.ID(), wait)
 			} else {
 				e.dispatch(m, false)
 			}

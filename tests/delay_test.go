@@ -1,6 +1,7 @@
 package tests
 
 import (
+	"runtime"
 	"strings"
 	"syscall"
 	"testing"
@@ -100,5 +101,36 @@ func TestProcessDelayedMessageSurvivesSIGKILL(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("the delayed message never arrived after the restart")
+	}
+}
+
+// TestDelayedMessagesWaitInTheStoreNotInMemory: on the file store, the
+// bodies of delayed messages stay on disk until their time; the broker
+// keeps only their ids.
+func TestDelayedMessagesWaitInTheStoreNotInMemory(t *testing.T) {
+	const n, body = 300, 200 << 10 // 60 MiB of bodies
+	b := startBroker(t, func(o *broker.Options) { o.DB = "file://" + t.TempDir() })
+	producer := startClient(t, b.uri(), "p", newRecorder("p"), []string{"trade"})
+	heap := func() uint64 {
+		runtime.GC()
+		var ms runtime.MemStats
+		runtime.ReadMemStats(&ms)
+		return ms.HeapAlloc
+	}
+	before := heap()
+	at := time.Now().Add(30 * time.Minute).UnixMilli() // before the test messages expire
+	text := strings.Repeat("x", body)
+	for range n {
+		m := newMessage("trade", "pay-succ", text)
+		m.Header.DeliverAt = new(at)
+		if err := producer.SendStringMessage(m); err != nil {
+			t.Fatal(err)
+		}
+	}
+	after := heap()
+	grown := int64(after) - int64(before)
+	t.Logf("heap grew by %d KiB for %d delayed messages of %d KiB", grown>>10, n, body>>10)
+	if grown > 16<<20 {
+		t.Fatalf("heap grew by %d MiB holding %d delayed messages of %d KiB: their bodies are kept in memory", grown>>20, n, body>>10)
 	}
 }
