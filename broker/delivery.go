@@ -111,9 +111,6 @@ func (f *flight) groupResult(d *delivery, r deliveryResult, reason string) {
 		}
 	}
 	finished := f.pending == 0
-	if finished {
-		f.ended = true
-	}
 	var record *storage.DeliveryResult
 	var recordSlot, finishSlot storeSlot
 	if !f.fly && r == resultFailed && !finished {
@@ -123,11 +120,7 @@ func (f *flight) groupResult(d *delivery, r deliveryResult, reason string) {
 	var deadReason string
 	var final *storage.DeliveryResult
 	if finished {
-		deadReason = f.deadReasonLocked()
-		if deadReason != "" && !f.fly {
-			final = f.resultLocked(now) // the dead letter keeps each group's result
-		}
-		finishSlot = f.slotLocked()
+		deadReason, final, finishSlot = f.endLocked(now)
 	}
 	f.mu.Unlock()
 
@@ -164,6 +157,19 @@ func (f *flight) resultLocked(next time.Time) *storage.DeliveryResult {
 	sort.Strings(r.SuccGroups)
 	sort.Strings(r.FailGroups)
 	return r
+}
+
+// endLocked ends f once no group is pending: why the message goes to the
+// dead-letter queue ("" when it does not), each group's result for the
+// dead letter, and the place of the finishing store call. The caller
+// holds f.mu.
+func (f *flight) endLocked(now time.Time) (deadReason string, final *storage.DeliveryResult, slot storeSlot) {
+	f.ended = true
+	deadReason = f.deadReasonLocked()
+	if deadReason != "" && !f.fly {
+		final = f.resultLocked(now) // the dead letter keeps each group's result
+	}
+	return deadReason, final, f.slotLocked()
 }
 
 // deadReasonLocked is why the message goes to the dead-letter queue, or
@@ -223,8 +229,8 @@ func (e *engine) group(name string) *group {
 // binding matches it, except the groups that already acknowledged it.
 func (e *engine) dispatch(m *storage.Message, fly bool) {
 	h := m.Header
-	if at := deliverAt(h); at.After(e.now()) {
-		e.hold(m, fly, at)
+	if at := deliverAt(h); at.After(e.now()) && !fly { // a fly message cannot be delayed (validate)
+		e.hold(m, at)
 		return
 	}
 	matches := e.routes.match(h.GetTopic(), h.GetMessageType())
@@ -290,13 +296,8 @@ func (e *engine) dispatch(m *storage.Message, fly bool) {
 			gs.result = resultGaveUp
 			gs.reason = fmt.Sprintf("expired at %s before it was delivered", at.UTC().Format(time.RFC3339))
 		}
-		f.pending, f.ended = 0, true
-		dead := f.deadReasonLocked()
-		var final *storage.DeliveryResult
-		if !fly {
-			final = f.resultLocked(e.now())
-		}
-		slot := f.slotLocked()
+		f.pending = 0
+		dead, final, slot := f.endLocked(e.now())
 		f.mu.Unlock()
 		e.finish(f, dead, final, slot)
 		return
@@ -318,25 +319,22 @@ func deliverAt(h *protocol.Header) time.Time {
 // hold keeps a delayed message until at. The store learns the time first
 // (a message committed after its publish is due at its commit), so that a
 // restart delivers it no earlier either.
-func (e *engine) hold(m *storage.Message, fly bool, at time.Time) {
+func (e *engine) hold(m *storage.Message, at time.Time) {
 	e.unclaim(m.ID())
-	if !fly && m.NextDeliverTime.Before(at) {
+	if m.NextDeliverTime.Before(at) {
 		r := storage.DeliveryResult{MessageID: m.ID(), DeliverCount: m.DeliverCount, NextDeliverTime: at,
 			SuccGroups: m.SuccGroups, FailGroups: m.FailGroups}
 		e.storeAsync("hold until deliverAt", func(ctx context.Context) error { return e.store.RecordDelivery(ctx, r) })
 	}
-	if fly {
-		e.after(at.Sub(e.now()), func() { e.dispatch(m, fly) })
-		return
-	}
-	e.deliverLater(m.ID(), at.Sub(e.now()))
+	e.deliverLater(m.ID(), at.Sub(e.now()), storedReadTries)
 }
 
-// deliverLater delivers the stored message id after d. Only the id waits
-// in memory: the message is read from the store when its time comes.
-func (e *engine) deliverLater(id string, d time.Duration) {
+// deliverLater delivers the stored message id after d, with tries reads
+// (deliverStored). Only the id waits in memory: the message is read from
+// the store when its time comes.
+func (e *engine) deliverLater(id string, d time.Duration, tries int) {
 	e.after(d, func() {
-		e.storeAsync("deliver when due", func(ctx context.Context) error { return e.deliverStored(ctx, id, storedReadTries) })
+		e.storeAsync("deliver when due", func(ctx context.Context) error { return e.deliverStored(ctx, id, tries) })
 	})
 }
 
@@ -358,9 +356,7 @@ func (e *engine) deliverStored(ctx context.Context, id string, tries int) error 
 			return nil // delivered and finished already
 		}
 		if tries > 1 {
-			e.after(time.Second, func() {
-				e.storeAsync("deliver stored", func(ctx context.Context) error { return e.deliverStored(ctx, id, tries-1) })
-			})
+			e.deliverLater(id, time.Second, tries-1)
 		}
 		return fmt.Errorf("read %s to deliver it: %w", id, err)
 	}
@@ -523,7 +519,7 @@ func (e *engine) recover(ctx context.Context) (int, error) {
 		}
 		for _, m := range page {
 			if wait := m.NextDeliverTime.Sub(now); wait > 0 {
-				e.deliverLater(m.ID(), wait)
+				e.deliverLater(m.ID(), wait, storedReadTries)
 			} else {
 				e.dispatch(m, false)
 			}

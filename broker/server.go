@@ -434,7 +434,7 @@ func (s *Server) validate(h *protocol.Header, now time.Time) string {
 	case h.GetDeliverAt() > 0 && h.GetExpiredTime() > 0 && h.GetDeliverAt() > h.GetExpiredTime()*1000:
 		return fmt.Sprintf("deliverAt %s is after the message expires (%s)",
 			time.UnixMilli(h.GetDeliverAt()).UTC().Format(time.RFC3339Nano), time.Unix(h.GetExpiredTime(), 0).UTC().Format(time.RFC3339))
-	case h.GetDeliverAt() > s.created(h, now).Add(s.opts.MaxLifetime).UnixMilli():
+	case h.GetDeliverAt() > created(h, now).Add(s.opts.MaxLifetime).UnixMilli():
 		return fmt.Sprintf("deliverAt %s is further away than the longest a message is kept (%s after its createTime)",
 			time.UnixMilli(h.GetDeliverAt()).UTC().Format(time.RFC3339Nano), s.opts.MaxLifetime)
 	}
@@ -442,7 +442,7 @@ func (s *Server) validate(h *protocol.Header, now time.Time) string {
 }
 
 // created is the message's createTime, or now when it has none.
-func (s *Server) created(h *protocol.Header, now time.Time) time.Time {
+func created(h *protocol.Header, now time.Time) time.Time {
 	if h.CreateTime != nil {
 		return time.Unix(h.GetCreateTime(), 0)
 	}

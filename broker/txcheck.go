@@ -30,8 +30,7 @@ import (
 
 // txChecker runs the check-back of one broker.
 type txChecker struct {
-	s   *Server
-	now func() time.Time
+	s *Server
 
 	cursor storage.Cursor // where the next pass starts; only run's goroutine uses it
 
@@ -45,7 +44,7 @@ type txChecker struct {
 const maxOrigins = 100_000
 
 func newTxChecker(s *Server) *txChecker {
-	return &txChecker{s: s, now: s.opts.clock().Now, buckets: make(map[string]*tokenBucket), origins: make(map[string]*session)}
+	return &txChecker{s: s, buckets: make(map[string]*tokenBucket), origins: make(map[string]*session)}
 }
 
 // sent remembers that sess published the uncommitted message id.
@@ -97,7 +96,7 @@ const maxChecksPerPass = 5000
 
 // pass sends the checks that are due now and returns how many it sent.
 func (c *txChecker) pass(ctx context.Context) (int, error) {
-	now := c.now()
+	now := c.s.engine.now()
 	q := storage.DueQuery{Kind: storage.DueTxCheck, Before: now, After: c.cursor, Limit: 500}
 	sent, seen := 0, 0
 	full := make(map[string]bool) // groups out of tokens in this pass
@@ -221,7 +220,7 @@ func (c *txChecker) bucket(group string) *tokenBucket {
 	defer c.mu.Unlock()
 	b := c.buckets[group]
 	if b == nil {
-		b = newTokenBucket(float64(c.s.opts.TxCheckRate), c.now())
+		b = newTokenBucket(float64(c.s.opts.TxCheckRate), c.s.engine.now())
 		c.buckets[group] = b
 	}
 	return b

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"syscall"
 	"unsafe"
 )
@@ -102,14 +103,13 @@ func (w *directWriter) writeAt(p []byte, off int64) error {
 	return nil
 }
 
-// zero writes zeros from off for n bytes, to undo a failed write.
+// zero writes zeros from off for n bytes, to undo a failed write; the
+// end of the log stays at off.
 func (w *directWriter) zero(off int64, n int) error {
-	start := off - int64(len(w.tail))
-	padded := (len(w.tail) + n + directBlock - 1) / directBlock * directBlock
-	b := w.staging(padded)
-	copy(b, w.tail)
-	clear(b[len(w.tail):])
-	return pwrite(w.f, b, start)
+	tail := slices.Clone(w.tail)
+	err := w.writeAt(make([]byte, n), off)
+	w.tail = tail
+	return err
 }
 
 func (w *directWriter) close() error { return w.f.Close() }

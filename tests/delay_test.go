@@ -27,38 +27,33 @@ func (r *timedRecorder) OnMessage(m *protocol.StringMessage) bool {
 // TestDelayedDelivery: messages with deliverAt arrive no earlier than
 // asked and within 1 s after, on the memory store and on the file store.
 func TestDelayedDelivery(t *testing.T) {
-	for _, db := range []string{"memory://", "file://"} {
-		t.Run(strings.TrimSuffix(db, "://"), func(t *testing.T) {
-			if db == "file://" {
-				db += t.TempDir()
+	eachStore(t, func(t *testing.T, db string) {
+		b := startBroker(t, func(o *broker.Options) { o.DB = db })
+		rec := &timedRecorder{recorder: newRecorder("c"), at: make(chan time.Time, 16)}
+		startClient(t, b.uri(), "g", rec, nil, binding.Bind_Direct("g", "trade", "pay-succ", 100, true))
+		producer := startClient(t, b.uri(), "p", newRecorder("p"), []string{"trade"})
+		var wants []time.Time
+		for _, d := range []time.Duration{1500 * time.Millisecond, 700 * time.Millisecond, 1100 * time.Millisecond} {
+			at := time.Now().Add(d)
+			m := newMessage("trade", "pay-succ", "later")
+			m.Header.DeliverAt = new(at.UnixMilli())
+			if err := producer.SendStringMessage(m); err != nil {
+				t.Fatal(err)
 			}
-			b := startBroker(t, func(o *broker.Options) { o.DB = db })
-			rec := &timedRecorder{recorder: newRecorder("c"), at: make(chan time.Time, 16)}
-			startClient(t, b.uri(), "g", rec, nil, binding.Bind_Direct("g", "trade", "pay-succ", 100, true))
-			producer := startClient(t, b.uri(), "p", newRecorder("p"), []string{"trade"})
-			var wants []time.Time
-			for _, d := range []time.Duration{1500 * time.Millisecond, 700 * time.Millisecond, 1100 * time.Millisecond} {
-				at := time.Now().Add(d)
-				m := newMessage("trade", "pay-succ", "later")
-				m.Header.DeliverAt = new(at.UnixMilli())
-				if err := producer.SendStringMessage(m); err != nil {
-					t.Fatal(err)
+			wants = append(wants, time.UnixMilli(at.UnixMilli()))
+		}
+		// In the order of their times, each within its second.
+		for _, i := range []int{1, 2, 0} {
+			select {
+			case got := <-rec.at:
+				if got.Before(wants[i]) || got.After(wants[i].Add(time.Second)) {
+					t.Fatalf("arrived at %v, asked for %v", got.Format("15:04:05.000"), wants[i].Format("15:04:05.000"))
 				}
-				wants = append(wants, time.UnixMilli(at.UnixMilli()))
+			case <-time.After(5 * time.Second):
+				t.Fatal("a delayed message never arrived")
 			}
-			// In the order of their times, each within its second.
-			for _, i := range []int{1, 2, 0} {
-				select {
-				case got := <-rec.at:
-					if got.Before(wants[i]) || got.After(wants[i].Add(time.Second)) {
-						t.Fatalf("arrived at %v, asked for %v", got.Format("15:04:05.000"), wants[i].Format("15:04:05.000"))
-					}
-				case <-time.After(5 * time.Second):
-					t.Fatal("a delayed message never arrived")
-				}
-			}
-		})
-	}
+		}
+	})
 }
 
 // TestProcessDelayedMessageSurvivesSIGKILL: a delayed message stored by a

@@ -1,11 +1,9 @@
 package tests
 
 import (
-	"bufio"
 	"context"
 	"fmt"
 	"os"
-	"os/exec"
 	"strings"
 	"sync"
 	"testing"
@@ -208,17 +206,7 @@ func (stuck) OnMessageCheck(*protocol.TxResponse) error { return nil }
 // long before the deliver timeout.
 func TestConsumerKilledMidFlight(t *testing.T) {
 	b := startBroker(t, func(o *broker.Options) { o.DeliverTimeout = 30 * time.Second })
-	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), consumerChildEnv+"="+b.Addr())
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { cmd.Process.Kill(); cmd.Wait() }()
-	lines := bufio.NewReader(out)
+	cmd, lines := startChild(t, consumerChildEnv, b.Addr())
 	if l, err := lines.ReadString('\n'); err != nil || l != "READY\n" {
 		t.Fatalf("child consumer: %q, %v", l, err)
 	}

@@ -1,11 +1,9 @@
 package tests
 
 import (
-	"bufio"
 	"context"
 	"fmt"
 	"os"
-	"os/exec"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -62,58 +60,43 @@ func (c *committer) OnMessageCheck(tx *protocol.TxResponse) error {
 // starts, the broker asks it, it commits, and the message reaches every
 // matching group once. On the memory store and on the file store.
 func TestTxProducerKilledBeforeDecision(t *testing.T) {
-	for _, db := range []string{"memory://", "file://"} {
-		t.Run(strings.TrimSuffix(db, "://"), func(t *testing.T) {
-			if db == "file://" {
-				db += t.TempDir()
-			}
-			b := startBroker(t, func(o *broker.Options) {
-				o.DB = db
-				o.TxCheckDelay = 200 * time.Millisecond
-			})
-			direct, fanout := newRecorder("direct"), newRecorder("fanout")
-			startClient(t, b.uri(), "g-direct", direct, nil, binding.Bind_Direct("g-direct", "trade", "pay-succ", 100, true))
-			startClient(t, b.uri(), "g-fanout", fanout, nil, binding.Bind_Fanout("g-fanout", "trade", 100, true))
-
-			cmd := exec.Command(os.Args[0], "-test.run=^$")
-			cmd.Env = append(os.Environ(), txChildEnv+"="+b.Addr())
-			out, err := cmd.StdoutPipe()
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := cmd.Start(); err != nil {
-				t.Fatal(err)
-			}
-			line, err := bufio.NewReader(out).ReadString('\n')
-			if err != nil || !strings.HasPrefix(line, "STORED ") {
-				cmd.Process.Kill()
-				cmd.Wait()
-				t.Fatalf("child producer: %q, %v", line, err)
-			}
-			id := strings.TrimSpace(strings.TrimPrefix(line, "STORED "))
-			cmd.Process.Kill() // SIGKILL, inside its local transaction
-			cmd.Wait()
-			time.Sleep(500 * time.Millisecond) // checks while no producer of the group is connected
-			if direct.count(id)+fanout.count(id) != 0 {
-				t.Fatal("the undecided message was delivered")
-			}
-
-			c := &committer{recorder: newRecorder("tx-producer"), checked: make(map[string]int)}
-			startClient(t, b.uri(), "tx-producer", c, []string{"trade"})
-			eventually(t, 10*time.Second, "both groups received the message", func() bool {
-				return direct.count(id) == 1 && fanout.count(id) == 1
-			})
-			time.Sleep(300 * time.Millisecond)
-			c.mu.Lock()
-			checks := c.checked[id]
-			c.mu.Unlock()
-			st := b.Stats()
-			if direct.count(id) != 1 || fanout.count(id) != 1 || checks == 0 || st.Committed != 1 || st.TxChecksUnsent == 0 {
-				t.Fatalf("direct %d fanout %d (want 1, 1), checks answered %d; stats %+v",
-					direct.count(id), fanout.count(id), checks, st)
-			}
+	eachStore(t, func(t *testing.T, db string) {
+		b := startBroker(t, func(o *broker.Options) {
+			o.DB = db
+			o.TxCheckDelay = 200 * time.Millisecond
 		})
-	}
+		direct, fanout := newRecorder("direct"), newRecorder("fanout")
+		startClient(t, b.uri(), "g-direct", direct, nil, binding.Bind_Direct("g-direct", "trade", "pay-succ", 100, true))
+		startClient(t, b.uri(), "g-fanout", fanout, nil, binding.Bind_Fanout("g-fanout", "trade", 100, true))
+
+		cmd, out := startChild(t, txChildEnv, b.Addr())
+		line, err := out.ReadString('\n')
+		if err != nil || !strings.HasPrefix(line, "STORED ") {
+			t.Fatalf("child producer: %q, %v", line, err)
+		}
+		id := strings.TrimSpace(strings.TrimPrefix(line, "STORED "))
+		cmd.Process.Kill() // SIGKILL, inside its local transaction
+		cmd.Wait()
+		time.Sleep(500 * time.Millisecond) // checks while no producer of the group is connected
+		if direct.count(id)+fanout.count(id) != 0 {
+			t.Fatal("the undecided message was delivered")
+		}
+
+		c := &committer{recorder: newRecorder("tx-producer"), checked: make(map[string]int)}
+		startClient(t, b.uri(), "tx-producer", c, []string{"trade"})
+		eventually(t, 10*time.Second, "both groups received the message", func() bool {
+			return direct.count(id) == 1 && fanout.count(id) == 1
+		})
+		time.Sleep(300 * time.Millisecond)
+		c.mu.Lock()
+		checks := c.checked[id]
+		c.mu.Unlock()
+		st := b.Stats()
+		if direct.count(id) != 1 || fanout.count(id) != 1 || checks == 0 || st.Committed != 1 || st.TxChecksUnsent == 0 {
+			t.Fatalf("direct %d fanout %d (want 1, 1), checks answered %d; stats %+v",
+				direct.count(id), fanout.count(id), checks, st)
+		}
+	})
 }
 
 // loadProducer is the listener of the producers of TestTxLoadWithUndecided:
