@@ -161,7 +161,7 @@ func TestRedeliverAfterAFailedReadStillDelivers(t *testing.T) {
 	w1 := adminDo(t, b, http.MethodPost, "/deadletters/redeliver?id="+id)
 	st.failing.Store(false)
 	w2 := adminDo(t, b, http.MethodPost, "/deadletters/redeliver?id="+id)
-	_, err := cons.read(time.Second)
+	_, err := cons.read(3 * time.Second) // the read is tried again a second after it failed
 	live, gerr := mem.Get(ctx, id)
 	if err != nil {
 		t.Fatalf("first POST %d %q, retry %d %q; consumer got nothing (%v); message live in the store: %v (next %v)",
