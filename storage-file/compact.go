@@ -172,7 +172,7 @@ func (s *Store) compactStep(oldest uint32) error {
 			if err != nil {
 				return err
 			}
-			r.succ, r.fail = dr.succ, dr.fail
+			r.succ, r.fail, r.failCounts = dr.succ, dr.fail, dr.failCounts
 		}
 		w.add(&r, nil)
 	}

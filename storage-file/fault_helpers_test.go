@@ -84,6 +84,7 @@ type mstate struct {
 	nextMin   int64
 	succ      []string
 	fail      []string
+	counts    []int32 // FailCounts
 	bodyLen   int
 }
 
@@ -220,6 +221,9 @@ func diffState(id string, g got, want mstate) string {
 	}
 	if !slices.Equal(m.FailGroups, want.fail) && (len(m.FailGroups) != 0 || len(want.fail) != 0) {
 		d = append(d, fmt.Sprintf("FailGroups: got %q, want %q", m.FailGroups, want.fail))
+	}
+	if !slices.Equal(m.FailCounts, want.counts) {
+		d = append(d, fmt.Sprintf("FailCounts: got %v, want %v", m.FailCounts, want.counts))
 	}
 	if m.Cmd != faultCmd(id) {
 		d = append(d, fmt.Sprintf("Cmd: got %v", m.Cmd))

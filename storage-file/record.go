@@ -94,18 +94,22 @@ func (st state) dead() bool      { return st&flagDead != 0 }
 
 // record is a decoded record. Only the fields of its kind are set.
 type record struct {
-	kind   recordKind
-	id     msgID
-	state  state // recSave
-	cmd    uint8 // recSave
-	count  int32 // recSave, recDelivery
-	next   int64 // unix ms: recSave, recCommit, recDelivery
-	succ   []string
-	fail   []string
-	reason string // recSave (dead), recDead
-	at     int64  // unix ms: recSave (dead), recDead
-	header []byte // recSave: protobuf Header
-	body   []byte // recSave
+	kind  recordKind
+	id    msgID
+	state state // recSave
+	cmd   uint8 // recSave
+	count int32 // recSave, recDelivery
+	next  int64 // unix ms: recSave, recCommit, recDelivery
+	succ  []string
+	fail  []string
+	// failCounts (recSave, recDelivery, recRedeliver) is the last field
+	// of its record, and written only when there are counts: a record
+	// written before the field existed ends where it begins.
+	failCounts []int32
+	reason     string // recSave (dead), recDead
+	at         int64  // unix ms: recSave (dead), recDead
+	header     []byte // recSave: protobuf Header
+	body       []byte // recSave
 }
 
 // appendRecord appends r, framed and checksummed, to dst.
@@ -124,6 +128,7 @@ func appendRecord(dst []byte, r *record) []byte {
 		dst = binary.AppendVarint(dst, r.at)
 		dst = appendBytes(dst, r.header)
 		dst = appendBytes(dst, r.body)
+		dst = appendCounts(dst, r.failCounts)
 	case recCommit:
 		dst = binary.AppendVarint(dst, r.next)
 	case recDelivery, recRedeliver:
@@ -131,6 +136,7 @@ func appendRecord(dst []byte, r *record) []byte {
 		dst = binary.AppendVarint(dst, r.next)
 		dst = appendStrings(dst, r.succ)
 		dst = appendStrings(dst, r.fail)
+		dst = appendCounts(dst, r.failCounts)
 	case recDead:
 		dst = appendString(dst, r.reason)
 		dst = binary.AppendVarint(dst, r.at)
@@ -149,6 +155,18 @@ func appendBytes(dst, b []byte) []byte {
 func appendString(dst []byte, s string) []byte {
 	dst = binary.AppendUvarint(dst, uint64(len(s)))
 	return append(dst, s...)
+}
+
+// appendCounts appends counts, or nothing when there are none.
+func appendCounts(dst []byte, counts []int32) []byte {
+	if len(counts) == 0 {
+		return dst
+	}
+	dst = binary.AppendUvarint(dst, uint64(len(counts)))
+	for _, c := range counts {
+		dst = binary.AppendVarint(dst, int64(c))
+	}
+	return dst
 }
 
 func appendStrings(dst []byte, ss []string) []byte {
@@ -192,6 +210,7 @@ func decodeRecord(payload []byte, crc uint32) (*record, error) {
 		r.at = d.varint()
 		r.header = d.bytes()
 		r.body = d.bytes()
+		r.failCounts = d.counts()
 	case recCommit:
 		r.next = d.varint()
 	case recRollback, recDelete:
@@ -200,13 +219,14 @@ func decodeRecord(payload []byte, crc uint32) (*record, error) {
 		r.next = d.varint()
 		r.succ = d.strings()
 		r.fail = d.strings()
+		r.failCounts = d.counts()
 	case recDead:
 		r.reason = d.string()
 		r.at = d.varint()
 	default:
 		return nil, fmt.Errorf("%w: unknown kind %d", errCorrupt, uint8(r.kind))
 	}
-	if d.err != nil || len(d.b) != 0 {
+	if d.err != nil || len(d.b) != 0 || (len(r.failCounts) != 0 && len(r.failCounts) != len(r.fail)) {
 		return nil, fmt.Errorf("%w: bad %s payload", errCorrupt, r.kind)
 	}
 	return r, nil
@@ -269,6 +289,23 @@ func (d *decoder) bytes() []byte {
 
 func (d *decoder) string() string { return string(d.bytes()) }
 
+// counts reads appendCounts' field: none when the payload has ended.
+func (d *decoder) counts() []int32 {
+	if d.err != nil || len(d.b) == 0 {
+		return nil
+	}
+	n := d.uvarint()
+	if n > uint64(len(d.b)) {
+		d.fail()
+		return nil
+	}
+	out := make([]int32, 0, n)
+	for range n {
+		out = append(out, int32(d.varint()))
+	}
+	return out
+}
+
 func (d *decoder) strings() []string {
 	n := d.uvarint()
 	if n > uint64(len(d.b)) {
@@ -290,7 +327,7 @@ func saveRecord(id msgID, m *storage.Message, st state, reason string, at int64)
 	}
 	return &record{
 		kind: recSave, id: id, state: st, cmd: uint8(m.Cmd), count: m.DeliverCount,
-		next: toMillis(m.NextDeliverTime), succ: m.SuccGroups, fail: m.FailGroups,
+		next: toMillis(m.NextDeliverTime), succ: m.SuccGroups, fail: m.FailGroups, failCounts: m.FailCounts,
 		reason: reason, at: at, header: header, body: m.Body,
 	}, nil
 }
@@ -305,7 +342,7 @@ func (r *record) message() (*storage.Message, error) {
 		Cmd: protocol.CmdType(r.cmd), Header: h, Body: append([]byte(nil), r.body...),
 		Committed: r.state.committed(), DeliverCount: r.count,
 		NextDeliverTime: fromMillis(r.next),
-		SuccGroups:      r.succ, FailGroups: r.fail,
+		SuccGroups:      r.succ, FailGroups: r.fail, FailCounts: r.failCounts,
 	}, nil
 }
 

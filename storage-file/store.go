@@ -613,7 +613,7 @@ func (w *writeQueue) add(r *record, enc []byte) {
 	w.sizes = append(w.sizes, uint32(len(w.buf)-before))
 	w.recs = append(w.recs, *r)
 	last := &w.recs[len(w.recs)-1]
-	last.header, last.body, last.succ, last.fail = nil, nil, nil, nil
+	last.header, last.body, last.succ, last.fail, last.failCounts = nil, nil, nil, nil, nil
 }
 
 func (w *writeQueue) len() int { return len(w.recs) }
@@ -734,6 +734,9 @@ func (s *Store) Save(ctx context.Context, m *storage.Message) (bool, error) {
 	id, ok := parseID(m.ID())
 	if !ok {
 		return false, fmt.Errorf("file store: save: %w: message id %q", storage.ErrInvalid, m.ID())
+	}
+	if err := storage.CheckFailCounts(m.FailGroups, m.FailCounts); err != nil {
+		return false, fmt.Errorf("file store: save %s: %w", m.ID(), err)
 	}
 	if err := ctx.Err(); err != nil {
 		return false, fmt.Errorf("file store: save: %w", err)
@@ -858,12 +861,15 @@ func (s *Store) Rollback(ctx context.Context, id string) error {
 
 // RecordDelivery stores the outcome of a delivery round.
 func (s *Store) RecordDelivery(ctx context.Context, d storage.DeliveryResult) error {
+	if err := storage.CheckFailCounts(d.FailGroups, d.FailCounts); err != nil {
+		return fmt.Errorf("file store: record delivery %s: %w", d.MessageID, err)
+	}
 	return s.change(ctx, "record delivery", d.MessageID, func(e entry, ok bool) (*record, error) {
 		if !ok || e.state.dead() {
 			return nil, notFound("record delivery", d.MessageID)
 		}
 		return &record{kind: recDelivery, count: d.DeliverCount, next: toMillis(d.NextDeliverTime),
-			succ: d.SuccGroups, fail: d.FailGroups}, nil
+			succ: d.SuccGroups, fail: d.FailGroups, failCounts: d.FailCounts}, nil
 	})
 }
 
@@ -1100,7 +1106,7 @@ func (s *Store) load(e entry) (*storage.Message, error) {
 		if err != nil {
 			return nil, err
 		}
-		m.SuccGroups, m.FailGroups = dr.succ, dr.fail
+		m.SuccGroups, m.FailGroups, m.FailCounts = dr.succ, dr.fail, dr.failCounts
 	}
 	return m, nil
 }

@@ -7,6 +7,7 @@ package storage
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strings"
 	"time"
 
@@ -54,6 +55,12 @@ type Message struct {
 	// the groups whose last delivery failed. A retry goes to FailGroups only.
 	SuccGroups []string
 	FailGroups []string
+	// FailCounts[i] counts the failed deliveries to FailGroups[i], so that
+	// each group's delivery limit holds across restarts. It is nil, or as
+	// long as FailGroups; nil means unknown (a message stored without
+	// counts), and then DeliverCount, the most failures of any group, is
+	// the only count there is.
+	FailCounts []int32
 }
 
 // ID returns the message id.
@@ -100,6 +107,7 @@ func (m *Message) Clone() *Message {
 	c.Body = append([]byte(nil), m.Body...)
 	c.SuccGroups = append([]string(nil), m.SuccGroups...)
 	c.FailGroups = append([]string(nil), m.FailGroups...)
+	c.FailCounts = append([]int32(nil), m.FailCounts...)
 	return &c
 }
 
@@ -109,9 +117,20 @@ type DeliveryResult struct {
 	DeliverCount    int32
 	NextDeliverTime time.Time
 	// SuccGroups are the groups that acknowledged the message, in this round
-	// or before; FailGroups the groups still to be retried.
+	// or before; FailGroups the groups still to be retried, and FailCounts
+	// (nil, or as long as FailGroups) how often each of them failed.
 	SuccGroups []string
 	FailGroups []string
+	FailCounts []int32
+}
+
+// CheckFailCounts returns an ErrInvalid error when counts is neither nil
+// nor as long as groups. Backends call it before storing either.
+func CheckFailCounts(groups []string, counts []int32) error {
+	if len(counts) != 0 && len(counts) != len(groups) {
+		return fmt.Errorf("%w: %d FailCounts for %d FailGroups", ErrInvalid, len(counts), len(groups))
+	}
+	return nil
 }
 
 // DueKind selects what Due pages through.
@@ -208,7 +227,8 @@ type Store interface {
 	DeadLetters(ctx context.Context, afterID string, limit int) ([]*DeadLetter, error)
 	// Redeliver puts a dead letter back for delivery: it becomes a live,
 	// committed message again (an undecided transaction is thereby
-	// committed), due now, with DeliverCount 0 and no FailGroups; its
+	// committed), due now, with DeliverCount 0 and no FailGroups or
+	// FailCounts; its
 	// SuccGroups stay, so the groups that acknowledged it do not get it
 	// again. ErrNotFound when id is not in the dead-letter queue; ErrFull
 	// when the store has no room for another live message.

@@ -220,6 +220,9 @@ func validate(m *storage.Message) error {
 		return fmt.Errorf("memory store: save %q: %w: id is not %d lowercase hex characters",
 			m.ID(), storage.ErrInvalid, protocol.MessageIdLen)
 	}
+	if err := storage.CheckFailCounts(m.FailGroups, m.FailCounts); err != nil {
+		return fmt.Errorf("memory store: save %s: %w", m.ID(), err)
+	}
 	return nil
 }
 
@@ -367,8 +370,12 @@ func (s *Store) RecordDelivery(ctx context.Context, r storage.DeliveryResult) er
 	if err := s.begin(ctx, "record delivery"); err != nil {
 		return err
 	}
+	if err := storage.CheckFailCounts(r.FailGroups, r.FailCounts); err != nil {
+		return fmt.Errorf("memory store: record delivery %s: %w", r.MessageID, err)
+	}
 	succ := append([]string(nil), r.SuccGroups...)
 	fail := append([]string(nil), r.FailGroups...)
+	counts := append([]int32(nil), r.FailCounts...)
 	next := msTime(r.NextDeliverTime)
 	return s.update("record delivery", r.MessageID, func(old *storage.Message) (*storage.Message, error) {
 		m := *old
@@ -376,6 +383,7 @@ func (s *Store) RecordDelivery(ctx context.Context, r storage.DeliveryResult) er
 		m.NextDeliverTime = next
 		m.SuccGroups = succ
 		m.FailGroups = fail
+		m.FailCounts = counts
 		return &m, nil
 	})
 }
@@ -448,6 +456,7 @@ func (s *Store) Redeliver(ctx context.Context, id string) error {
 	m.DeliverCount = 0
 	m.NextDeliverTime = msTime(s.now())
 	m.FailGroups = nil
+	m.FailCounts = nil
 	sh.insertLive(&m)
 	return nil
 }

@@ -103,6 +103,9 @@ func DiffMessage(got, want *storage.Message) string {
 	if !slices.Equal(got.FailGroups, want.FailGroups) {
 		d = append(d, fmt.Sprintf("FailGroups: got %q, want %q", got.FailGroups, want.FailGroups))
 	}
+	if !slices.Equal(got.FailCounts, want.FailCounts) {
+		d = append(d, fmt.Sprintf("FailCounts: got %v, want %v", got.FailCounts, want.FailCounts))
+	}
 	return strings.Join(d, "; ")
 }
 

@@ -317,7 +317,8 @@ func testSaveKeepsDeliveryState(t *testing.T, s storage.Store) {
 	want.DeliverCount = 3
 	want.NextDeliverTime = now().Add(90 * time.Second)
 	want.SuccGroups = []string{"s-a", "s-b"}
-	want.FailGroups = []string{"s-c"}
+	want.FailGroups = []string{"s-c", "s-d"}
+	want.FailCounts = []int32{3, 1}
 	save(t, s, want)
 	wantSame(t, "Get after Save", get(t, s, want.ID()), want)
 }
@@ -374,6 +375,9 @@ func testSaveInvalid(t *testing.T, s storage.Store) {
 	} {
 		cases[name] = withID(NewMessage("trade", "pay-succ", true), id)
 	}
+	counts := NewMessage("trade", "pay-succ", true)
+	counts.FailGroups, counts.FailCounts = []string{"s-a", "s-b"}, []int32{1}
+	cases["FailCounts shorter than FailGroups"] = counts
 	for name, m := range cases {
 		stored, err := s.Save(t.Context(), m)
 		if stored || !errors.Is(err, storage.ErrInvalid) {
@@ -508,15 +512,27 @@ func testRecordDelivery(t *testing.T, s storage.Store) {
 	wantIDs(t, "Due at the next delivery time", ids(page), m.ID())
 	wantSame(t, "Due after RecordDelivery", page[0], want)
 
-	// The next round: s-b acknowledged, s-c failed again.
+	// The next round: s-b acknowledged, s-c failed again, with each
+	// failed group's count.
 	next2 := next.Add(time.Minute)
 	wantErr(t, "second RecordDelivery", s.RecordDelivery(t.Context(), storage.DeliveryResult{
 		MessageID: m.ID(), DeliverCount: 2, NextDeliverTime: next2,
-		SuccGroups: []string{"s-a", "s-b"}, FailGroups: []string{"s-c"},
+		SuccGroups: []string{"s-a", "s-b"}, FailGroups: []string{"s-c"}, FailCounts: []int32{2},
 	}), nil)
 	want.DeliverCount, want.NextDeliverTime = 2, next2
-	want.SuccGroups, want.FailGroups = []string{"s-a", "s-b"}, []string{"s-c"}
+	want.SuccGroups, want.FailGroups, want.FailCounts = []string{"s-a", "s-b"}, []string{"s-c"}, []int32{2}
 	wantSame(t, "Get after second RecordDelivery", get(t, s, m.ID()), want)
+	page = due(t, s, storage.DueQuery{Kind: storage.DueDelivery, Before: next2})
+	wantIDs(t, "Due at the second delivery time", ids(page), m.ID())
+	wantSame(t, "Due after second RecordDelivery", page[0], want)
+
+	// Counts that do not match the groups are refused and change nothing.
+	err := s.RecordDelivery(t.Context(), storage.DeliveryResult{
+		MessageID: m.ID(), DeliverCount: 9, NextDeliverTime: next2,
+		FailGroups: []string{"s-c"}, FailCounts: []int32{9, 9},
+	})
+	wantErr(t, "RecordDelivery with 2 FailCounts for 1 FailGroups", err, storage.ErrInvalid)
+	wantSame(t, "Get after a refused RecordDelivery", get(t, s, m.ID()), want)
 
 	// Every group acknowledged.
 	wantErr(t, "third RecordDelivery", s.RecordDelivery(t.Context(), storage.DeliveryResult{
@@ -1298,15 +1314,18 @@ func testRedeliver(t *testing.T, s storage.Store) {
 		save(t, s, m)
 		wantErr(t, "RecordDelivery", s.RecordDelivery(t.Context(), storage.DeliveryResult{
 			MessageID: m.ID(), DeliverCount: 5, NextDeliverTime: now().Add(time.Hour),
-			SuccGroups: []string{"s-a"}, FailGroups: []string{"s-b"},
+			SuccGroups: []string{"s-a"}, FailGroups: []string{"s-b"}, FailCounts: []int32{5},
 		}), nil)
 		wantErr(t, "DeadLetter", s.DeadLetter(t.Context(), m.ID(), "delivery limit reached"), nil)
+		if dls := deadLetters(t, s, "", 10); len(dls) != 1 || !slices.Equal(dls[0].Message.FailCounts, []int32{5}) {
+			t.Fatalf("DeadLetters: %d, want 1 that keeps FailCounts [5]", len(dls))
+		}
 
 		from := time.Now()
 		wantErr(t, "Redeliver", s.Redeliver(t.Context(), m.ID()), nil)
 		to := time.Now()
 		got := get(t, s, m.ID())
-		if !got.Committed || !got.Header.GetCommit() || got.DeliverCount != 0 || len(got.FailGroups) != 0 ||
+		if !got.Committed || !got.Header.GetCommit() || got.DeliverCount != 0 || len(got.FailGroups) != 0 || len(got.FailCounts) != 0 ||
 			len(got.SuccGroups) != 1 || got.SuccGroups[0] != "s-a" || !within(got.NextDeliverTime, from, to) {
 			t.Fatalf("Get after Redeliver (saved committed=%v): committed %v/%v, DeliverCount %d, groups %q %q, next %v; "+
 				"want committed, 0, [s-a] [], now", committed, got.Committed, got.Header.GetCommit(), got.DeliverCount,
