@@ -140,7 +140,7 @@ func (s *Server) redeliverDeadLetter(w http.ResponseWriter, r *http.Request) {
 	s.stats.Redelivered.Add(1)
 	s.log.Info("dead letter put back for delivery", zap.String("id", id))
 	s.engine.storeAsync("deliver a dead letter put back", func(ctx context.Context) error {
-		return s.engine.deliverStored(ctx, id, storedReadTries)
+		return s.engine.deliverStored(ctx, id)
 	})
 	w.Header().Set("Content-Type", "application/json")
 	fmt.Fprintf(w, "{\"id\":%q,\"redelivered\":true}\n", id)

@@ -77,22 +77,14 @@ func (c *fakeClock) Advance(d time.Duration) {
 	}
 }
 
-// pending is the number of timers waiting.
-func (c *fakeClock) pending() int {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	n := 0
-	for _, t := range c.timers {
-		if !t.done {
-			n++
-		}
-	}
-	return n
-}
-
-func waitTimers(t *testing.T, c *fakeClock, n int) {
+// waitStoredNext waits until the store has id due at want: a retry or a
+// delayed message waits in the store, not in a timer.
+func waitStoredNext(t *testing.T, b *testBroker, id string, want time.Time) {
 	t.Helper()
-	eventually(t, "a timer is set", func() bool { return c.pending() >= n })
+	eventually(t, "the store has the message due at "+want.Format(time.RFC3339Nano), func() bool {
+		m, err := b.store.Get(context.Background(), id)
+		return err == nil && m.NextDeliverTime.Equal(want)
+	})
 }
 
 // The retry schedule, to the millisecond: nothing before the wait has
@@ -106,7 +98,7 @@ func TestClockRetrySchedule(t *testing.T) {
 	for i, wait := range []time.Duration{10 * time.Second, 20 * time.Second, 20 * time.Second} {
 		op, m := cons.receive()
 		cons.ack(op, m, "c", false)
-		waitTimers(t, clk, 1)
+		waitStoredNext(t, b, m.Header.GetMessageId(), clk.Now().Add(wait))
 		clk.Advance(wait - time.Millisecond)
 		cons.expectNothing(200 * time.Millisecond)
 		clk.Advance(time.Millisecond)
@@ -130,16 +122,17 @@ func TestClockExpiryBeforeRetry(t *testing.T) {
 	connect(t, b.Addr(), "p").publish(m)
 	op, got := cons.receive()
 	cons.ack(op, got, "c", false) // at 0 s: retry at 10 s
-	waitTimers(t, clk, 1)
+	waitStoredNext(t, b, m.Header.GetMessageId(), clk.Now().Add(10*time.Second))
 	clk.Advance(10 * time.Second)
 	op, got = cons.receive()
-	cons.ack(op, got, "c", false) // at 10 s: retry at 20 s, after the expiry
-	waitTimers(t, clk, 1)
+	cons.ack(op, got, "c", false) // at 10 s: retry at 20 s, after the expiry at 15 s
+	expiry := time.Unix(m.Header.GetExpiredTime(), 0)
+	waitStoredNext(t, b, m.Header.GetMessageId(), expiry) // due at its expiry, not at the retry
 	clk.Advance(10 * time.Second)
 	cons.expectNothing(300 * time.Millisecond)
 	eventually(t, "dead-lettered", func() bool {
 		dl, err := b.store.DeadLetters(context.Background(), "", 10)
-		return err == nil && len(dl) == 1 && strings.Contains(dl[0].Reason, "before its retry; last failure: consumer returned false")
+		return err == nil && len(dl) == 1 && strings.Contains(dl[0].Reason, "c: expired at "+expiry.UTC().Format(time.RFC3339)+" before its retry")
 	})
 }
 
@@ -152,7 +145,7 @@ func TestClockDelayedDelivery(t *testing.T) {
 	m := newMessage("trade", "t", "in ten minutes")
 	m.Header.DeliverAt = proto.Int64(clk.Now().Add(10 * time.Minute).UnixMilli())
 	connect(t, b.Addr(), "p").publish(m)
-	waitTimers(t, clk, 1)
+	waitStoredNext(t, b, m.Header.GetMessageId(), time.UnixMilli(m.Header.GetDeliverAt()))
 	clk.Advance(10*time.Minute - time.Millisecond)
 	cons.expectNothing(300 * time.Millisecond)
 	clk.Advance(time.Millisecond)

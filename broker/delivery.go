@@ -4,8 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"sort"
-	"strings"
+	"slices"
 	"sync"
 	"time"
 
@@ -16,177 +15,10 @@ import (
 	"github.com/kiteq/kiteq/storage"
 )
 
-// flight is a message this broker is delivering: the message, and for
-// each matching group whether it acknowledged, how often it failed and
-// whether it gave up. A flight ends when every group acknowledged, was
-// skipped or gave up; then the message is deleted or dead-lettered.
-type flight struct {
-	e   *engine
-	msg *storage.Message
-	fly bool // never stored: no store calls
-
-	mu      sync.Mutex
-	groups  map[string]*groupState
-	pending int // groups that have not finished
-	ended   bool
-	// stored is closed when the flight's last store call so far is done:
-	// each call waits for the one before, so the store sees the message's
-	// changes in the order they were made.
-	stored chan struct{}
-}
-
-// storeSlot is a flight's place in the order of its store calls: wait for
-// prev, then close done.
-type storeSlot struct{ prev, done chan struct{} }
-
-// slotLocked takes the next place in f's store calls. The caller holds
-// f.mu, so the places follow the changes they store.
-func (f *flight) slotLocked() storeSlot {
-	s := storeSlot{prev: f.stored, done: make(chan struct{})}
-	f.stored = s.done
-	return s
-}
-
-type groupState struct {
-	attempts int32
-	result   deliveryResult
-	reason   string
-}
-
-type deliveryResult int
-
-const (
-	resultPending deliveryResult = iota
-	resultAcked
-	resultSkipped // no live consumer and a non-persistent binding
-	resultFailed  // this attempt failed; a retry follows
-	resultGaveUp  // delivery limit or expiry reached
-	resultExpired // expired while waiting for a retry: gives up, not an attempt
-)
-
-// delivery is one message on its way to one group.
-type delivery struct {
-	f          *flight
-	g          *group
-	persistent bool
-}
-
-// groupResult records the outcome of one delivery attempt to g.
-func (f *flight) groupResult(d *delivery, r deliveryResult, reason string) {
-	e, g := f.e, d.g
-	now := e.now()
-	f.mu.Lock()
-	gs := f.groups[g.name]
-	if f.ended || gs == nil || gs.result == resultAcked || gs.result == resultGaveUp || gs.result == resultSkipped {
-		f.mu.Unlock()
-		return
-	}
-	var retryIn time.Duration
-	retry := false
-	switch r {
-	case resultAcked, resultSkipped:
-		gs.result = r
-		f.pending--
-	case resultExpired:
-		gs.result = resultGaveUp
-		gs.reason = fmt.Sprintf("expired at %s before its retry; last failure: %s",
-			e.expiry(f.msg).UTC().Format(time.RFC3339), gs.reason)
-		f.pending--
-	case resultFailed:
-		gs.attempts++
-		gs.reason = reason
-		limit := f.msg.Header.GetDeliveryLimit()
-		switch {
-		case limit > 0 && gs.attempts >= limit:
-			gs.result = resultGaveUp
-			gs.reason = fmt.Sprintf("delivery limit %d reached; last failure: %s", limit, reason)
-			f.pending--
-		case now.After(e.expiry(f.msg)):
-			gs.result = resultGaveUp
-			gs.reason = fmt.Sprintf("expired at %s; last failure: %s", e.expiry(f.msg).UTC().Format(time.RFC3339), reason)
-			f.pending--
-		default:
-			gs.result = resultFailed
-			retryIn, retry = e.retryDelay(gs.attempts), true
-		}
-	}
-	finished := f.pending == 0
-	var record *storage.DeliveryResult
-	var recordSlot, finishSlot storeSlot
-	if !f.fly && r == resultFailed && !finished {
-		record = f.resultLocked(now.Add(retryIn))
-		recordSlot = f.slotLocked()
-	}
-	var deadReason string
-	var final *storage.DeliveryResult
-	if finished {
-		deadReason, final, finishSlot = f.endLocked(now)
-	}
-	f.mu.Unlock()
-
-	if record != nil {
-		e.storeInOrder("record delivery", recordSlot, func(ctx context.Context) error { return e.store.RecordDelivery(ctx, *record) })
-	}
-	if retry {
-		e.after(retryIn, func() {
-			if e.now().After(e.expiry(f.msg)) {
-				f.groupResult(d, resultExpired, "") // given up, not delivered
-				return
-			}
-			g.enqueue(d)
-		})
-	}
-	if finished {
-		e.finish(f, deadReason, final, finishSlot)
-	}
-}
-
-// resultLocked is the delivery state to store after a failure.
-func (f *flight) resultLocked(next time.Time) *storage.DeliveryResult {
-	r := &storage.DeliveryResult{MessageID: f.msg.ID(), NextDeliverTime: next}
-	for name, gs := range f.groups {
-		r.DeliverCount = max(r.DeliverCount, gs.attempts)
-		switch gs.result {
-		case resultAcked, resultSkipped:
-			r.SuccGroups = append(r.SuccGroups, name)
-		case resultFailed, resultGaveUp:
-			r.FailGroups = append(r.FailGroups, name)
-		}
-	}
-	r.SuccGroups = append(r.SuccGroups, f.msg.SuccGroups...)
-	sort.Strings(r.SuccGroups)
-	sort.Strings(r.FailGroups)
-	return r
-}
-
-// endLocked ends f once no group is pending: why the message goes to the
-// dead-letter queue ("" when it does not), each group's result for the
-// dead letter, and the place of the finishing store call. The caller
-// holds f.mu.
-func (f *flight) endLocked(now time.Time) (deadReason string, final *storage.DeliveryResult, slot storeSlot) {
-	f.ended = true
-	deadReason = f.deadReasonLocked()
-	if deadReason != "" && !f.fly {
-		final = f.resultLocked(now) // the dead letter keeps each group's result
-	}
-	return deadReason, final, f.slotLocked()
-}
-
-// deadReasonLocked is why the message goes to the dead-letter queue, or
-// "" when every group acknowledged it.
-func (f *flight) deadReasonLocked() string {
-	var reasons []string
-	for name, gs := range f.groups {
-		if gs.result == resultGaveUp {
-			reasons = append(reasons, name+": "+gs.reason)
-		}
-	}
-	sort.Strings(reasons)
-	return strings.Join(reasons, "; ")
-}
-
 // engine routes committed messages to groups and follows each delivery to
-// its end.
+// its end. What it holds in memory is bounded: flights (flight.go) take at
+// most Options.MaxDeliveryBytes; beyond that, committed messages wait in
+// the store, where the scanner (scan.go) finds them.
 type engine struct {
 	log   *zap.Logger
 	store storage.Store
@@ -196,20 +28,24 @@ type engine struct {
 
 	mu      sync.Mutex
 	groups  map[string]*group
-	flights map[string]*flight
+	flights map[string]*flight // and claimed ids
+	bytes   int64              // flights' sizes
+	blocked bool               // a message waits in the store for room
 	stopped bool
+	timers  map[*engineTimer]struct{} // retries of flights in memory
 
-	timers map[Timer]struct{} // retries and delayed messages waiting for their time
+	scan scanState // scan.go
 
 	routes *router
-	wg     sync.WaitGroup // store calls in progress
+	wg     sync.WaitGroup // store calls and retries in progress
 }
 
 func newEngine(log *zap.Logger, store storage.Store, opts Options, stats *Stats) *engine {
 	return &engine{
 		log: log, store: store, opts: opts, stats: stats, now: opts.clock().Now,
 		groups: make(map[string]*group), flights: make(map[string]*flight),
-		routes: newRouter(), timers: make(map[Timer]struct{}),
+		routes: newRouter(), timers: make(map[*engineTimer]struct{}),
+		scan: newScanState(),
 	}
 }
 
@@ -217,94 +53,162 @@ func newEngine(log *zap.Logger, store storage.Store, opts Options, stats *Stats)
 func (e *engine) group(name string) *group {
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	return e.groupLocked(name)
+}
+
+func (e *engine) groupLocked(name string) *group {
 	g := e.groups[name]
 	if g == nil {
-		g = &group{name: name, e: e, watermark: e.routes.watermark(name)}
+		// What waits in the store for a group is stored at its expiry,
+		// behind no cursor this broker has yet: the group looks for it
+		// from the start, once, when it can first take messages.
+		g = &group{name: name, e: e, watermark: e.routes.watermark(name), wait: true}
 		e.groups[name] = g
 	}
 	return g
 }
 
+// errNoRoom: the flights already hold Options.MaxDeliveryBytes.
+var errNoRoom = errors.New("no room for another message in memory")
+
+// flightOverhead is what a flight costs beyond its message's bytes.
+const flightOverhead = 512
+
+func flightSize(m *storage.Message) int64 {
+	return int64(len(m.Body)) + int64(len(m.Header.GetTopic())+len(m.Header.GetMessageType())+len(m.Header.GetGroupId())) + flightOverhead
+}
+
 // dispatch starts delivering a committed message to every group whose
-// binding matches it, except the groups that already acknowledged it.
-func (e *engine) dispatch(m *storage.Message, fly bool) {
+// binding matches it, except the groups that already acknowledged it. A
+// stored message must have been claimed (claim) by the caller; dispatch
+// takes the claim over. It returns errNoRoom, and leaves the message to
+// the store, when memory holds MaxDeliveryBytes of flights already.
+func (e *engine) dispatch(m *storage.Message, fly bool) error {
 	h := m.Header
-	if at := deliverAt(h); at.After(e.now()) && !fly { // a fly message cannot be delayed (validate)
+	now := e.now()
+	if at := deliverAt(h); at.After(now) && !fly { // a fly message cannot be delayed (validate)
 		e.hold(m, at)
-		return
+		return nil
 	}
 	matches := e.routes.match(h.GetTopic(), h.GetMessageType())
 	done := make(map[string]bool, len(m.SuccGroups))
 	for _, g := range m.SuccGroups {
 		done[g] = true
 	}
-	// The store keeps one DeliverCount, the most failures of any group. It
-	// is the failed group's own count when that group is the only one that
-	// was delivered to: then its failures before a restart count toward
-	// the delivery limit. With several groups a group's own count is not
-	// known, and it starts again (more retries, never fewer).
-	failedAlone := ""
-	if len(m.FailGroups) == 1 && len(m.SuccGroups) == 0 {
-		failedAlone = m.FailGroups[0]
-	}
+	counts := failCounts(m)
+	limit := h.GetDeliveryLimit()
+	size := flightSize(m)
+
 	e.mu.Lock()
 	if f := e.flights[m.ID()]; e.stopped || (f != nil && f != claimed) {
 		e.mu.Unlock()
-		return
+		return nil
 	}
-	f := &flight{e: e, msg: m, fly: fly, groups: make(map[string]*groupState, len(matches))}
-	var ds []*delivery
+	f := &flight{e: e, msg: m, fly: fly, size: size, groups: make(map[string]*groupState, len(matches))}
+	var offers []*delivery
+	var retries []*groupState
 	for _, mt := range matches {
 		if done[mt.group] {
 			continue
 		}
-		g := e.groups[mt.group]
-		if g == nil {
-			g = &group{name: mt.group, e: e, watermark: e.routes.watermark(mt.group)}
-			e.groups[mt.group] = g
-		}
-		gs := &groupState{}
-		if mt.group == failedAlone {
-			gs.attempts = m.DeliverCount
-		}
+		d := &delivery{f: f, g: e.groupLocked(mt.group), persistent: mt.persistent}
+		gs := &groupState{d: d, attempts: counts[mt.group]}
 		f.groups[mt.group] = gs
-		ds = append(ds, &delivery{f: f, g: g, persistent: mt.persistent})
+		switch _, failed := counts[mt.group]; {
+		case limit > 0 && gs.attempts >= limit:
+			gs.result = resultGaveUp
+			gs.reason = fmt.Sprintf("delivery limit %d reached", limit)
+			continue
+		case failed && m.NextDeliverTime.After(now):
+			// Read before its retry is due, for another group.
+			gs.result, gs.retryAt = resultFailed, m.NextDeliverTime
+			retries = append(retries, gs)
+		default:
+			offers = append(offers, d)
+		}
+		f.pending++
 	}
-	f.pending = len(ds)
-	if len(ds) > 0 {
+	if len(f.groups) > 0 {
+		if e.bytes > 0 && e.bytes+size > e.opts.MaxDeliveryBytes {
+			if e.flights[m.ID()] == claimed {
+				delete(e.flights, m.ID())
+			}
+			e.blocked = true
+			if !fly {
+				e.scan.rewindLocked(waitCursor(m))
+			}
+			e.mu.Unlock()
+			if fly {
+				e.stats.FlyDropped.Add(1)
+				e.log.Debug("fly message dropped: delivery memory full", zap.String("id", m.ID()))
+			}
+			return errNoRoom
+		}
 		e.flights[m.ID()] = f
+		e.bytes += size
 	} else if e.flights[m.ID()] == claimed {
 		delete(e.flights, m.ID())
 	}
 	e.mu.Unlock()
 
-	if len(ds) == 0 {
+	if len(f.groups) == 0 {
 		if len(matches) == 0 {
 			e.stats.Unrouted.Add(1)
 			e.log.Debug("unrouted message", zap.String("id", m.ID()), zap.String("topic", h.GetTopic()),
 				zap.String("messageType", h.GetMessageType()))
 		}
 		f.ended = true
-		e.finish(f, "", nil, f.slotLocked()) // f is not shared yet
-		return
+		e.finish(f, "", nil, f.slotLocked()) // f is not shared
+		return nil
 	}
-	if at := e.expiry(m); e.now().After(at) {
-		// Expired before it could be delivered (committed late, or held
-		// past its expiry): given up in every group, not delivered.
-		f.mu.Lock()
+	f.mu.Lock()
+	if at := e.expiry(m); now.After(at) || f.pending == 0 {
+		// Expired before it could be delivered (committed late, held past
+		// its expiry, or waiting in the store), or every group is at its
+		// delivery limit: given up in every group.
 		for _, gs := range f.groups {
+			switch {
+			case gs.result == resultGaveUp:
+			case gs.attempts > 0:
+				gs.reason = fmt.Sprintf("expired at %s before its retry", at.UTC().Format(time.RFC3339))
+			default:
+				gs.reason = fmt.Sprintf("expired at %s before it was delivered", at.UTC().Format(time.RFC3339))
+			}
 			gs.result = resultGaveUp
-			gs.reason = fmt.Sprintf("expired at %s before it was delivered", at.UTC().Format(time.RFC3339))
 		}
 		f.pending = 0
-		dead, final, slot := f.endLocked(e.now())
+		dead, final, slot := f.endLocked(now)
 		f.mu.Unlock()
 		e.finish(f, dead, final, slot)
-		return
+		return nil
 	}
-	for _, d := range ds {
-		d.g.enqueue(d)
+	for _, gs := range retries {
+		gs.retry = e.after(gs.retryAt.Sub(now), func() { f.retryDue(gs.d) })
 	}
+	f.mu.Unlock()
+	for _, d := range offers {
+		f.offer(d)
+	}
+	return nil
+}
+
+// failCounts maps each failed group of m to its failures. A message stored
+// without counts has one, DeliverCount, the most of any group: it is the
+// group's own count when that group is the only one delivered to; with
+// several, a group starts again (more retries, never fewer).
+func failCounts(m *storage.Message) map[string]int32 {
+	counts := make(map[string]int32, len(m.FailGroups))
+	for i, g := range m.FailGroups {
+		switch {
+		case len(m.FailCounts) == len(m.FailGroups):
+			counts[g] = m.FailCounts[i]
+		case len(m.FailGroups) == 1 && len(m.SuccGroups) == 0:
+			counts[g] = m.DeliverCount
+		default:
+			counts[g] = 0
+		}
+	}
+	return counts
 }
 
 // deliverAt is when the producer asked the message to be delivered, or
@@ -316,36 +220,31 @@ func deliverAt(h *protocol.Header) time.Time {
 	return time.Time{}
 }
 
-// hold keeps a delayed message until at. The store learns the time first
-// (a message committed after its publish is due at its commit), so that a
-// restart delivers it no earlier either.
+// hold leaves a claimed, delayed message in the store until at. The store
+// learns the time first (a message committed after its publish is due at
+// its commit); the scanner delivers it when that time comes, after a
+// restart too.
 func (e *engine) hold(m *storage.Message, at time.Time) {
-	e.unclaim(m.ID())
-	if m.NextDeliverTime.Before(at) {
-		r := storage.DeliveryResult{MessageID: m.ID(), DeliverCount: m.DeliverCount, NextDeliverTime: at,
-			SuccGroups: m.SuccGroups, FailGroups: m.FailGroups}
-		e.storeAsync("hold until deliverAt", func(ctx context.Context) error { return e.store.RecordDelivery(ctx, r) })
+	if !m.NextDeliverTime.Before(at.Truncate(time.Millisecond)) {
+		e.unclaim(m.ID())
+		return
 	}
-	e.deliverLater(m.ID(), at.Sub(e.now()), storedReadTries)
-}
-
-// deliverLater delivers the stored message id after d, with tries reads
-// (deliverStored). Only the id waits in memory: the message is read from
-// the store when its time comes.
-func (e *engine) deliverLater(id string, d time.Duration, tries int) {
-	e.after(d, func() {
-		e.storeAsync("deliver when due", func(ctx context.Context) error { return e.deliverStored(ctx, id, tries) })
+	r := storage.DeliveryResult{MessageID: m.ID(), DeliverCount: m.DeliverCount, NextDeliverTime: at,
+		SuccGroups: m.SuccGroups, FailGroups: m.FailGroups, FailCounts: m.FailCounts}
+	e.storeAsync("hold until deliverAt", func(ctx context.Context) error {
+		defer e.unclaim(m.ID())
+		if err := e.store.RecordDelivery(ctx, r); err != nil {
+			e.rewind(storage.Cursor{}) // still due at its old time
+			return err
+		}
+		return nil
 	})
 }
 
-// storedReadTries bounds the reads of deliverStored: one a second.
-const storedReadTries = 60
-
 // deliverStored delivers the stored message id, which a commit or a put
-// back has just made due. A read that fails is tried again a second later,
-// up to tries times in all, so that a passing store error does not leave
-// the message waiting for the next restart.
-func (e *engine) deliverStored(ctx context.Context, id string, tries int) error {
+// back has just made due. When it cannot (the read fails, or memory is
+// full), the message stays due in the store, where the scanner finds it.
+func (e *engine) deliverStored(ctx context.Context, id string) error {
 	if !e.claim(id) {
 		return nil // being delivered already
 	}
@@ -355,21 +254,23 @@ func (e *engine) deliverStored(ctx context.Context, id string, tries int) error 
 		if errors.Is(err, storage.ErrNotFound) {
 			return nil // delivered and finished already
 		}
-		if tries > 1 {
-			e.deliverLater(id, time.Second, tries-1)
-		}
+		e.rewind(storage.Cursor{})
 		return fmt.Errorf("read %s to deliver it: %w", id, err)
 	}
-	e.dispatch(m, false)
+	if err := e.dispatch(m, false); err != nil && !errors.Is(err, errNoRoom) {
+		return err
+	}
 	return nil
 }
 
-// claimed holds the place of a flight while a commit reads its message.
+// claimed holds the place of a flight while a stored message is read or
+// saved, or waits for a store call.
 var claimed = &flight{}
 
-// claim reserves id for a commit that is about to read the message, so that
-// a flight of id that finishes meanwhile cannot be started again from a
-// copy read before its Delete. It reports false when id has a flight.
+// claim reserves id for a caller about to read, save or dispatch the
+// message, so that a flight of id that finishes meanwhile cannot be
+// started again from a copy read before its Delete, nor a second flight
+// from the scanner's copy. It reports false when id has a flight or claim.
 func (e *engine) claim(id string) bool {
 	e.mu.Lock()
 	defer e.mu.Unlock()
@@ -388,6 +289,25 @@ func (e *engine) unclaim(id string) {
 	e.mu.Unlock()
 }
 
+// forget removes f from memory once its last store call is done.
+func (e *engine) forget(f *flight) {
+	id := f.msg.ID()
+	e.mu.Lock()
+	if e.flights[id] == f {
+		delete(e.flights, id)
+		e.bytes -= f.size
+		e.scan.forgottenLocked(id)
+	}
+	wake := e.blocked && e.bytes <= e.opts.MaxDeliveryBytes*3/4
+	if wake {
+		e.blocked = false
+	}
+	e.mu.Unlock()
+	if wake {
+		e.wake()
+	}
+}
+
 // finish ends a flight: the message is deleted, or dead-lettered with the
 // reason, and with each group's result (final) when a group gave up. The
 // flight stays registered until the store has done so, so that a repeated
@@ -400,28 +320,38 @@ func (e *engine) finish(f *flight, deadReason string, final *storage.DeliveryRes
 		e.stats.DeadLettered.Add(1)
 		e.log.Warn("message dead-lettered", zap.String("id", id), zap.String("reason", deadReason))
 	}
-	forget := func() {
-		e.mu.Lock()
-		if e.flights[id] == f {
-			delete(e.flights, id)
-		}
-		e.mu.Unlock()
-	}
 	if f.fly {
-		forget()
+		e.forget(f)
 		return
 	}
 	e.storeInOrder("finish", slot, func(ctx context.Context) error {
-		defer forget()
+		defer e.forget(f)
+		var err error
 		if deadReason == "" {
-			return e.store.Delete(ctx, id)
+			err = e.store.Delete(ctx, id)
+		} else if final != nil {
+			err = e.store.RecordDelivery(ctx, *final)
 		}
-		if final != nil {
-			if err := e.store.RecordDelivery(ctx, *final); err != nil {
-				return err
-			}
+		if err == nil && deadReason != "" {
+			err = e.store.DeadLetter(ctx, id, deadReason)
 		}
-		return e.store.DeadLetter(ctx, id, deadReason)
+		if err != nil {
+			e.rewind(storage.Cursor{}) // delivered again rather than lost
+		}
+		return err
+	})
+}
+
+// park stores a flight whose groups all wait, and drops it from memory.
+func (e *engine) park(f *flight, r storage.DeliveryResult, slot storeSlot) {
+	e.stats.Parked.Add(1)
+	e.storeInOrder("park", slot, func(ctx context.Context) error {
+		defer e.forget(f)
+		if err := e.store.RecordDelivery(ctx, r); err != nil {
+			e.rewind(storage.Cursor{}) // its stored state is older: look again
+			return err
+		}
+		return nil
 	})
 }
 
@@ -459,16 +389,38 @@ func (e *engine) storeInOrder(what string, slot storeSlot, fn func(ctx context.C
 	}()
 }
 
-// after runs fn after d unless the engine stops first. A waiting retry
-// costs a timer, not a goroutine.
-func (e *engine) after(d time.Duration, fn func()) {
+// stopper stops a pending call.
+type stopper interface{ Stop() bool }
+
+// engineTimer is a retry waiting in memory.
+type engineTimer struct {
+	e *engine
+	t Timer
+}
+
+// Stop cancels the call if it has not started.
+func (t *engineTimer) Stop() bool {
+	t.e.mu.Lock()
+	_, live := t.e.timers[t]
+	delete(t.e.timers, t)
+	t.e.mu.Unlock()
+	return live && t.t.Stop()
+}
+
+type noTimer struct{}
+
+func (noTimer) Stop() bool { return false }
+
+// after runs fn after d unless the engine stops or the timer is stopped
+// first. A waiting retry costs a timer, not a goroutine.
+func (e *engine) after(d time.Duration, fn func()) stopper {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if e.stopped {
-		return
+		return noTimer{}
 	}
-	var t Timer
-	t = e.opts.clock().AfterFunc(d, func() {
+	t := &engineTimer{e: e}
+	t.t = e.opts.clock().AfterFunc(d, func() {
 		e.mu.Lock()
 		_, live := e.timers[t]
 		delete(e.timers, t)
@@ -482,6 +434,7 @@ func (e *engine) after(d time.Duration, fn func()) {
 		}
 	})
 	e.timers[t] = struct{}{}
+	return t
 }
 
 // retryDelay is the wait after failure n (1, 2, ...) before the next
@@ -504,34 +457,6 @@ func (e *engine) expiry(m *storage.Message) time.Time {
 	return limit
 }
 
-// recover dispatches every committed message the store holds that is due,
-// after a restart.
-func (e *engine) recover(ctx context.Context) (int, error) {
-	n := 0
-	now := e.now()
-	// Every committed message, due or not: one whose retry was pending
-	// when the broker stopped is dispatched when its time comes.
-	q := storage.DueQuery{Kind: storage.DueDelivery, Before: now.Add(100 * 365 * 24 * time.Hour), Limit: 500}
-	for {
-		page, err := e.store.Due(ctx, q)
-		if err != nil {
-			return n, fmt.Errorf("recover due messages: %w", err)
-		}
-		for _, m := range page {
-			if wait := m.NextDeliverTime.Sub(now); wait > 0 {
-				e.deliverLater(m.ID(), wait, storedReadTries)
-			} else {
-				e.dispatch(m, false)
-			}
-			n++
-		}
-		if len(page) < q.Limit {
-			return n, nil
-		}
-		q.After = page[len(page)-1].Cursor()
-	}
-}
-
 // updateRoutes takes new bindings for topic and resizes the groups.
 func (e *engine) updateRoutes(topic string, bs []*binding.Binding) {
 	changed := e.routes.set(topic, bs)
@@ -540,36 +465,60 @@ func (e *engine) updateRoutes(topic string, bs []*binding.Binding) {
 	}
 }
 
-// stop cancels waiting retries and waits for store calls in progress.
-// A retry that is running when stop is called finishes.
+// stop ends the scanner, cancels waiting retries and waits for store
+// calls in progress. A retry that is running when stop is called finishes.
 func (e *engine) stop() {
 	e.mu.Lock()
 	e.stopped = true
 	for t := range e.timers {
-		t.Stop()
+		t.t.Stop()
 	}
 	clear(e.timers)
 	e.mu.Unlock()
+	e.stopScan()
 	e.wg.Wait()
 }
 
 // expireQueued gives up the queued deliveries whose message expired.
 func (e *engine) expireQueued(now time.Time) {
-	e.mu.Lock()
-	gs := make([]*group, 0, len(e.groups))
-	for _, g := range e.groups {
-		gs = append(gs, g)
-	}
-	e.mu.Unlock()
-	for _, g := range gs {
+	for _, g := range e.allGroups() {
 		for _, d := range g.takeExpired(now) {
 			d.f.groupResult(d, resultFailed, "expired while queued")
 		}
 	}
 }
 
-func (e *engine) inFlight() int {
+func (e *engine) allGroups() []*group {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	return len(e.flights)
+	gs := make([]*group, 0, len(e.groups))
+	for _, g := range e.groups {
+		gs = append(gs, g)
+	}
+	return gs
+}
+
+// wants reports whether m waits for g: g matches it, has not acknowledged
+// it, and is not waiting for a retry that is not due yet.
+func (e *engine) wants(g *group, m *storage.Message, now time.Time) bool {
+	if slices.Contains(m.SuccGroups, g.name) {
+		return false
+	}
+	if slices.Contains(m.FailGroups, g.name) && m.NextDeliverTime.After(now) {
+		return false
+	}
+	for _, mt := range e.routes.match(m.Header.GetTopic(), m.Header.GetMessageType()) {
+		if mt.group == g.name {
+			return true
+		}
+	}
+	return false
+}
+
+// inMemory returns the number of messages held for delivery and their
+// bytes.
+func (e *engine) inMemory() (int, int64) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return len(e.flights), e.bytes
 }

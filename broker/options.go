@@ -67,6 +67,11 @@ type Options struct {
 	// store; a publish past it gets a failed store-ack (overload), so a
 	// store slower than its producers cannot fill the broker's memory.
 	MaxPendingBytes int64
+	// MaxDeliveryBytes bounds the messages held in memory for delivery
+	// (their bytes, and a fixed cost each). Past it, committed messages
+	// wait in the store until deliveries end, so a producer that outruns
+	// its consumers fills the store, not the broker's memory.
+	MaxDeliveryBytes int64
 	// Clock is the broker's time (clock.go); nil is the system clock.
 	Clock Clock
 	// ShutdownTimeout bounds a graceful stop.
@@ -94,6 +99,7 @@ func DefaultOptions() Options {
 		TxCheckRate:         100,
 		MaxPendingPublishes: 1024,
 		MaxPendingBytes:     256 << 20,
+		MaxDeliveryBytes:    256 << 20,
 		ShutdownTimeout:     10 * time.Second,
 	}
 }
@@ -113,6 +119,7 @@ func ParseFlags(args []string, output io.Writer) (Options, error) {
 	fs.StringVar(&o.LogLevel, "log-level", o.LogLevel, "log level: debug, info, warn, error")
 	fs.IntVar(&o.MaxBody, "max-body", o.MaxBody, "largest packet body in bytes")
 	fs.Int64Var(&o.MaxPendingBytes, "max-pending-bytes", o.MaxPendingBytes, "bytes of publishes waiting for the store, past which publishes are refused (overload)")
+	fs.Int64Var(&o.MaxDeliveryBytes, "max-delivery-bytes", o.MaxDeliveryBytes, "bytes of messages held in memory for delivery, past which committed messages wait in the store")
 	fs.DurationVar(&o.DeliverTimeout, "deliver-timeout", o.DeliverTimeout, "wait for a DELIVER_ACK before the delivery counts as failed")
 	fs.Func("retry-schedule", "waits before the retries of a failed delivery to a group, comma-separated; the last repeats (default "+
 		formatSchedule(o.RetrySchedule)+")", func(v string) error {
@@ -162,6 +169,8 @@ func (o Options) Validate() error {
 		return errors.New("MaxLifetime and MaxPendingPublishes must be positive")
 	case o.MaxPendingBytes < int64(o.MaxBody):
 		return fmt.Errorf("-max-pending-bytes %d must be at least -max-body %d", o.MaxPendingBytes, o.MaxBody)
+	case o.MaxDeliveryBytes < int64(o.MaxBody):
+		return fmt.Errorf("-max-delivery-bytes %d must be at least -max-body %d", o.MaxDeliveryBytes, o.MaxBody)
 	}
 	return nil
 }

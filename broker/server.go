@@ -103,11 +103,7 @@ func (s *Server) Start(ctx context.Context) error {
 		s.closeListeners()
 		return fmt.Errorf("broker: register: %w", err)
 	}
-	n, err := s.engine.recover(ctx)
-	if err != nil {
-		s.closeListeners()
-		return fmt.Errorf("broker: %w", err)
-	}
+	s.engine.startScan() // delivers what the store holds, as memory allows
 	s.loops.Add(3)
 	go s.acceptLoop()
 	go s.sweepLoop()
@@ -116,7 +112,7 @@ func (s *Server) Start(ctx context.Context) error {
 		s.txcheck.run(s.stopLoops, min(max(s.opts.TxCheckDelay/4, 10*time.Millisecond), 250*time.Millisecond))
 	}()
 	s.log.Info("broker started", zap.String("addr", s.Addr()), zap.Strings("topics", topics),
-		zap.Int("recovered", n), zap.Bool("auth", s.secrets != nil))
+		zap.Bool("auth", s.secrets != nil))
 	if s.secrets == nil {
 		s.log.Warn("no -auth-file: any secretKey is accepted")
 	}
@@ -129,7 +125,8 @@ func (s *Server) Addr() string { return s.ln.Addr().String() }
 // Stats returns the broker's counters.
 func (s *Server) Stats() StatsSnapshot {
 	st := s.stats.snapshot()
-	st.InFlight = int64(s.engine.inFlight())
+	n, bytes := s.engine.inMemory()
+	st.InFlight, st.DeliveryBytes = int64(n), bytes
 	return st
 }
 
@@ -388,11 +385,20 @@ func (s *Server) publish(sess *session, p *protocol.Packet) error {
 	}
 	sess.pubSlots <- struct{}{}
 	saved := sess.startSave(m.ID())
+	// A committed message is claimed before it is saved: the scanner,
+	// which may read it as soon as it is stored, leaves it to this
+	// dispatch.
+	claimed := m.Committed && s.engine.claim(m.ID())
 	go func() {
 		defer func() { sess.endSave(m.ID(), saved); <-sess.pubSlots; s.pendingBytes.Add(-size) }()
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		stored, err := s.store.Save(ctx, m)
 		cancel()
+		if err != nil || !stored {
+			if claimed {
+				s.engine.unclaim(m.ID())
+			}
+		}
 		if err != nil {
 			s.storeAck(sess, p.Opaque, m.ID(), false, "store: "+err.Error())
 			return
@@ -407,8 +413,8 @@ func (s *Server) publish(sess *session, p *protocol.Packet) error {
 			s.txcheck.sent(m.ID(), sess)
 		}
 		s.storeAck(sess, p.Opaque, m.ID(), true, "stored")
-		if m.Committed {
-			s.engine.dispatch(m, false)
+		if claimed {
+			s.engine.dispatch(m, false) // errNoRoom: it waits in the store
 		}
 	}()
 	return nil
@@ -521,7 +527,7 @@ func (s *Server) txAck(sess *session, p *protocol.Packet) error {
 			}
 			s.txcheck.decided(id)
 			s.stats.Committed.Add(1)
-			return s.engine.deliverStored(ctx, id, storedReadTries)
+			return s.engine.deliverStored(ctx, id)
 		})
 	case protocol.TxRollback:
 		s.engine.storeAsync("rollback", func(ctx context.Context) error {

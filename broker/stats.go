@@ -25,6 +25,8 @@ type Stats struct {
 	TxChecksUnsent  atomic.Int64 // checks due with no live connection of the producer group
 	TxDeadLettered  atomic.Int64 // undecided transactions dead-lettered after their last check
 	StoreErrors     atomic.Int64 // store calls after a publish that failed
+	Parked          atomic.Int64 // flights whose groups all waited, stored and dropped from memory
+	FlyDropped      atomic.Int64 // fly messages dropped: delivery memory full (-max-delivery-bytes)
 }
 
 // StatsSnapshot is a copy of Stats at one moment, for JSON and tests.
@@ -50,7 +52,10 @@ type StatsSnapshot struct {
 	TxChecksUnsent  int64 `json:"txChecksUnsent"`
 	TxDeadLettered  int64 `json:"txDeadLettered"`
 	StoreErrors     int64 `json:"storeErrors"`
-	InFlight        int64 `json:"inFlight"` // messages this broker is delivering now
+	Parked          int64 `json:"parked"`
+	FlyDropped      int64 `json:"flyDropped"`
+	InFlight        int64 `json:"inFlight"`      // messages held in memory for delivery now
+	DeliveryBytes   int64 `json:"deliveryBytes"` // their bytes, as counted against -max-delivery-bytes
 }
 
 func (s *Stats) snapshot() StatsSnapshot {
@@ -62,5 +67,6 @@ func (s *Stats) snapshot() StatsSnapshot {
 		Finished: s.Finished.Load(), Unrouted: s.Unrouted.Load(), DeadLettered: s.DeadLettered.Load(),
 		Committed: s.Committed.Load(), RolledBack: s.RolledBack.Load(), StoreErrors: s.StoreErrors.Load(),
 		Redelivered: s.Redelivered.Load(), TxChecks: s.TxChecks.Load(), TxChecksUnsent: s.TxChecksUnsent.Load(), TxDeadLettered: s.TxDeadLettered.Load(),
+		Parked: s.Parked.Load(), FlyDropped: s.FlyDropped.Load(),
 	}
 }

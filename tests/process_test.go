@@ -193,6 +193,11 @@ func TestProcessFileStoreSurvivesSIGKILL(t *testing.T) {
 
 	rec := newRecorder("c")
 	startClient(t, "static://"+addr, "g", rec, nil, binding.Bind_Direct("g", "trade", "pay-succ", 100, true))
+	defer func() {
+		if t.Failed() {
+			t.Log(stderr.String())
+		}
+	}()
 	eventually(t, 15*time.Second, "every message after the restart", func() bool {
 		for _, id := range ids {
 			if rec.count(id) == 0 {
