@@ -53,11 +53,11 @@ func startOn(t *testing.T, store storage.Store, reg *static.Server, mutate func(
 	return s
 }
 
-// Bug: recover (delivery.go, engine.recover) only dispatches messages whose
-// NextDeliverTime has already come, and nothing ever looks at the store
-// again. A message whose retry is pending when the broker stops (its
-// NextDeliverTime, written by RecordDelivery, is in the future) is never
-// delivered by the restarted broker.
+// Bug (fixed): the restart only dispatched messages whose NextDeliverTime
+// had already come, and nothing looked at the store again. A message whose
+// retry is pending when the broker stops (its NextDeliverTime, written by
+// RecordDelivery, is in the future) was never delivered by the restarted
+// broker. The scanner (scan.go) now finds it when it comes due.
 func TestRestartDeliversMessageWaitingForRetry(t *testing.T) {
 	store := memory.New(100)
 	t.Cleanup(func() { store.Close() })
