@@ -9,8 +9,8 @@ import (
 	"time"
 
 	"github.com/kiteq/kiteq/broker"
-	"github.com/kiteq/kiteq/registry/binding"
 	client "github.com/kiteq/kiteq/client-go"
+	"github.com/kiteq/kiteq/registry/binding"
 )
 
 // heapInUse is the live heap after a collection.
