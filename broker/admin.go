@@ -75,6 +75,7 @@ type deadLetterJSON struct {
 	DeliverCount int32     `json:"deliverCount"`
 	SuccGroups   []string  `json:"succGroups"`
 	FailGroups   []string  `json:"failGroups"`
+	FailCounts   []int32   `json:"failCounts,omitempty"` // each failed group's failures
 }
 
 // listDeadLetters pages through the dead-letter queue in id order:
@@ -104,7 +105,7 @@ func (s *Server) listDeadLetters(w http.ResponseWriter, r *http.Request) {
 		out.DeadLetters = append(out.DeadLetters, deadLetterJSON{
 			ID: m.ID(), Topic: m.Header.GetTopic(), MessageType: m.Header.GetMessageType(), GroupID: m.Header.GetGroupId(),
 			Committed: m.Committed, Reason: d.Reason, At: d.At, DeliverCount: m.DeliverCount,
-			SuccGroups: m.SuccGroups, FailGroups: m.FailGroups,
+			SuccGroups: m.SuccGroups, FailGroups: m.FailGroups, FailCounts: m.FailCounts,
 		})
 	}
 	if len(page) == limit {
