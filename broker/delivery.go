@@ -30,9 +30,14 @@ type engine struct {
 	groups  map[string]*group
 	flights map[string]*flight // and claimed ids
 	bytes   int64              // flights' sizes
-	blocked bool               // a message waits in the store for room
+	// blocked: a message was left in the store for lack of room. Until
+	// the scanner catches up, only it brings messages into memory, in due
+	// order, as room frees up; publishes and commits leave theirs to it.
+	blocked bool
 	stopped bool
 	timers  map[*engineTimer]struct{} // retries of flights in memory
+
+	storeErrLog map[string]storeErrLog // storeFailed
 
 	scan scanState // scan.go
 
@@ -44,7 +49,7 @@ func newEngine(log *zap.Logger, store storage.Store, opts Options, stats *Stats)
 	return &engine{
 		log: log, store: store, opts: opts, stats: stats, now: opts.clock().Now,
 		groups: make(map[string]*group), flights: make(map[string]*flight),
-		routes: newRouter(), timers: make(map[*engineTimer]struct{}),
+		routes: newRouter(), timers: make(map[*engineTimer]struct{}), storeErrLog: make(map[string]storeErrLog),
 		scan: newScanState(),
 	}
 }
@@ -82,8 +87,10 @@ func flightSize(m *storage.Message) int64 {
 // binding matches it, except the groups that already acknowledged it. A
 // stored message must have been claimed (claim) by the caller; dispatch
 // takes the claim over. It returns errNoRoom, and leaves the message to
-// the store, when memory holds MaxDeliveryBytes of flights already.
-func (e *engine) dispatch(m *storage.Message, fly bool) error {
+// the store (a fly message is dropped), when memory holds MaxDeliveryBytes
+// of flights already, or when the scanner is catching up and the caller
+// is not the scanner (fromScan).
+func (e *engine) dispatch(m *storage.Message, fly, fromScan bool) error {
 	h := m.Header
 	now := e.now()
 	if at := deliverAt(h); at.After(now) && !fly { // a fly message cannot be delayed (validate)
@@ -104,7 +111,7 @@ func (e *engine) dispatch(m *storage.Message, fly bool) error {
 		e.mu.Unlock()
 		return nil
 	}
-	f := &flight{e: e, msg: m, fly: fly, size: size, groups: make(map[string]*groupState, len(matches))}
+	f := &flight{e: e, msg: m, fly: fly, size: size, low: m.NextDeliverTime, groups: make(map[string]*groupState, len(matches))}
 	var offers []*delivery
 	var retries []*groupState
 	for _, mt := range matches {
@@ -129,13 +136,13 @@ func (e *engine) dispatch(m *storage.Message, fly bool) error {
 		f.pending++
 	}
 	if len(f.groups) > 0 {
-		if e.bytes > 0 && e.bytes+size > e.opts.MaxDeliveryBytes {
+		if (e.blocked && !fromScan) || (e.bytes > 0 && e.bytes+size > e.opts.MaxDeliveryBytes) {
 			if e.flights[m.ID()] == claimed {
 				delete(e.flights, m.ID())
 			}
 			e.blocked = true
 			if !fly {
-				e.scan.rewindLocked(waitCursor(m))
+				e.scan.rewindLocked(before(m.NextDeliverTime))
 			}
 			e.mu.Unlock()
 			if fly {
@@ -226,17 +233,22 @@ func deliverAt(h *protocol.Header) time.Time {
 // restart too.
 func (e *engine) hold(m *storage.Message, at time.Time) {
 	if !m.NextDeliverTime.Before(at.Truncate(time.Millisecond)) {
+		// Stored at its time already; the scanner may have passed it
+		// while it was claimed.
 		e.unclaim(m.ID())
+		e.rewind(before(m.NextDeliverTime))
 		return
 	}
 	r := storage.DeliveryResult{MessageID: m.ID(), DeliverCount: m.DeliverCount, NextDeliverTime: at,
 		SuccGroups: m.SuccGroups, FailGroups: m.FailGroups, FailCounts: m.FailCounts}
 	e.storeAsync("hold until deliverAt", func(ctx context.Context) error {
-		defer e.unclaim(m.ID())
-		if err := e.store.RecordDelivery(ctx, r); err != nil {
+		err := e.store.RecordDelivery(ctx, r)
+		e.unclaim(m.ID())
+		if err != nil {
 			e.rewind(storage.Cursor{}) // still due at its old time
 			return err
 		}
+		e.rewind(before(at))
 		return nil
 	})
 }
@@ -246,7 +258,10 @@ func (e *engine) hold(m *storage.Message, at time.Time) {
 // full), the message stays due in the store, where the scanner finds it.
 func (e *engine) deliverStored(ctx context.Context, id string) error {
 	if !e.claim(id) {
-		return nil // being delivered already
+		// Being delivered already, or a flight of the message before a
+		// put back is ending: make sure the scanner looks at it.
+		e.rewindTo(ctx, id)
+		return nil
 	}
 	m, err := e.store.Get(ctx, id)
 	if err != nil {
@@ -257,10 +272,33 @@ func (e *engine) deliverStored(ctx context.Context, id string) error {
 		e.rewind(storage.Cursor{})
 		return fmt.Errorf("read %s to deliver it: %w", id, err)
 	}
-	if err := e.dispatch(m, false); err != nil && !errors.Is(err, errNoRoom) {
+	if err := e.dispatch(m, false, false); err != nil && !errors.Is(err, errNoRoom) {
 		return err
 	}
 	return nil
+}
+
+// dropClaim gives up a claim on the stored message id without
+// dispatching it (a duplicate publish of it): the stored copy may be due,
+// and the scanner passed it while the claim hid it.
+func (e *engine) dropClaim(id string) {
+	e.unclaim(id)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	e.rewindTo(ctx, id)
+}
+
+// rewindTo moves the scanner's cursor back to the stored message id, for
+// a caller that held a claim on it, or found another's, and did not
+// dispatch it.
+func (e *engine) rewindTo(ctx context.Context, id string) {
+	m, err := e.store.Get(ctx, id)
+	switch {
+	case err == nil:
+		e.rewind(before(m.NextDeliverTime))
+	case !errors.Is(err, storage.ErrNotFound):
+		e.rewind(storage.Cursor{})
+	}
 }
 
 // claimed holds the place of a flight while a stored message is read or
@@ -299,9 +337,6 @@ func (e *engine) forget(f *flight) {
 		e.scan.forgottenLocked(id)
 	}
 	wake := e.blocked && e.bytes <= e.opts.MaxDeliveryBytes*3/4
-	if wake {
-		e.blocked = false
-	}
 	e.mu.Unlock()
 	if wake {
 		e.wake()
@@ -325,8 +360,13 @@ func (e *engine) finish(f *flight, deadReason string, final *storage.DeliveryRes
 		return
 	}
 	e.storeInOrder("finish", slot, func(ctx context.Context) error {
-		defer e.forget(f)
 		var err error
+		defer func() {
+			e.forget(f)
+			if err != nil {
+				e.rewind(storage.Cursor{}) // delivered again rather than lost
+			}
+		}()
 		if deadReason == "" {
 			err = e.store.Delete(ctx, id)
 		} else if final != nil {
@@ -335,21 +375,29 @@ func (e *engine) finish(f *flight, deadReason string, final *storage.DeliveryRes
 		if err == nil && deadReason != "" {
 			err = e.store.DeadLetter(ctx, id, deadReason)
 		}
-		if err != nil {
-			e.rewind(storage.Cursor{}) // delivered again rather than lost
-		}
 		return err
 	})
 }
 
-// park stores a flight whose groups all wait, and drops it from memory.
-func (e *engine) park(f *flight, r storage.DeliveryResult, slot storeSlot) {
-	e.stats.Parked.Add(1)
-	e.storeInOrder("park", slot, func(ctx context.Context) error {
-		defer e.forget(f)
-		if err := e.store.RecordDelivery(ctx, r); err != nil {
-			e.rewind(storage.Cursor{}) // its stored state is older: look again
+// write stores w in its flight's order, then runs done (when not nil),
+// and then has the scanner and the groups waiting for the message look
+// for it at its new place: the write may have moved it behind their
+// cursors. A failed write leaves an older state in the store, which the
+// scanner reads again from the start.
+func (e *engine) write(what string, w write, done func()) {
+	e.storeInOrder(what, w.slot, func(ctx context.Context) error {
+		err := e.store.RecordDelivery(ctx, w.r)
+		if done != nil {
+			done()
+		}
+		if err != nil {
+			e.rewind(storage.Cursor{})
 			return err
+		}
+		c := before(w.r.NextDeliverTime)
+		e.rewind(c)
+		for _, g := range w.waiting {
+			g.noteWaiting(c)
 		}
 		return nil
 	})
@@ -370,9 +418,34 @@ func (e *engine) storeCall(what string, fn func(ctx context.Context) error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	if err := fn(ctx); err != nil {
-		e.stats.StoreErrors.Add(1)
-		e.log.Error("store call failed", zap.String("op", what), zap.Error(err))
+		e.storeFailed(what, err)
 	}
+}
+
+// storeFailed counts a failed store call and logs it, at most once a
+// second for each kind of call: a store that is down fails every call.
+func (e *engine) storeFailed(what string, err error) {
+	e.stats.StoreErrors.Add(1)
+	now := time.Now()
+	e.mu.Lock()
+	last, ok := e.storeErrLog[what]
+	log := !ok || now.Sub(last.at) >= time.Second
+	suppressed := last.suppressed
+	if log {
+		e.storeErrLog[what] = storeErrLog{at: now}
+	} else {
+		last.suppressed++
+		e.storeErrLog[what] = last
+	}
+	e.mu.Unlock()
+	if log {
+		e.log.Error("store call failed", zap.String("op", what), zap.Error(err), zap.Int("suppressedSinceLast", suppressed))
+	}
+}
+
+type storeErrLog struct {
+	at         time.Time
+	suppressed int
 }
 
 // storeInOrder runs fn as storeAsync does, once the store call before it
@@ -447,7 +520,7 @@ func (e *engine) retryDelay(failures int32) time.Duration {
 // expiry is when the message stops being delivered: its expiredTime,
 // capped at MaxLifetime after its creation.
 func (e *engine) expiry(m *storage.Message) time.Time {
-	limit := time.Unix(1<<62, 0) // no createTime (the broker sets one): no cap known
+	limit := time.Date(9999, 12, 31, 0, 0, 0, 0, time.UTC) // no createTime (the broker sets one): no cap known
 	if ct := m.Header.GetCreateTime(); ct > 0 {
 		limit = time.Unix(ct, 0).Add(e.opts.MaxLifetime)
 	}

@@ -1,7 +1,6 @@
 package broker
 
 import (
-	"context"
 	"fmt"
 	"sort"
 	"strings"
@@ -36,6 +35,11 @@ type flight struct {
 	groups  map[string]*groupState
 	pending int  // groups that have not finished
 	ended   bool // finished or parked: the flight changes no more
+	// low is the earliest time the message has been stored at since it
+	// was read: its writes may move it earlier (a retry before the expiry
+	// it waited at), and until one lands it is at either time. A group
+	// that waits for it looks from before low (waitCursorLocked).
+	low time.Time
 	// stored is closed when the flight's last store call so far is done:
 	// each call waits for the one before, so the store sees the message's
 	// changes in the order they were made.
@@ -103,6 +107,13 @@ func (f *flight) groupResult(d *delivery, r deliveryResult, reason string) {
 		gs.result = r
 		f.pending--
 	case resultWaiting:
+		if at := e.expiry(f.msg); now.After(at) {
+			// Nothing will look for it once it waits: it is given up.
+			gs.result = resultGaveUp
+			gs.reason = fmt.Sprintf("expired at %s while its group had no consumer", at.UTC().Format(time.RFC3339))
+			f.pending--
+			break
+		}
 		gs.result = resultWaiting
 	case resultExpired:
 		gs.result = resultGaveUp
@@ -128,36 +139,78 @@ func (f *flight) groupResult(d *delivery, r deliveryResult, reason string) {
 		}
 	}
 
-	var (
-		slot       storeSlot
-		record     *storage.DeliveryResult // the state to store
-		deadReason string
-		final      *storage.DeliveryResult
-	)
 	switch {
 	case f.pending == 0:
-		deadReason, final, slot = f.endLocked(now)
+		deadReason, final, slot := f.endLocked(now)
 		f.mu.Unlock()
 		e.finish(f, deadReason, final, slot)
-		return
 	case f.parkableLocked():
-		record, slot = f.parkLocked(now)
+		w := f.parkLocked(now)
 		f.mu.Unlock()
-		e.park(f, *record, slot)
-		return
+		e.write("park", w, func() { e.stats.Parked.Add(1); e.forget(f) })
 	case gs.result == resultFailed:
 		// Other groups still have the message: it stays, and so does
 		// this group's retry. The store learns of the failure, so that a
 		// restart counts it.
 		gs.retry = e.after(gs.retryAt.Sub(now), func() { f.retryDue(d) })
-		if !f.fly {
-			record, slot = f.resultLocked(gs.retryAt), f.slotLocked()
+		if f.fly {
+			f.mu.Unlock()
+			return
+		}
+		w := f.writeLocked(f.nextLocked(now))
+		f.mu.Unlock()
+		e.write("record delivery", w, nil)
+	default:
+		f.mu.Unlock()
+	}
+}
+
+// write is a flight's store call that moves its message in the due order:
+// the state, its place in the flight's order of store calls, and the
+// groups that wait for the message, which must look for it at its new
+// place (engine.write).
+type write struct {
+	r       storage.DeliveryResult
+	slot    storeSlot
+	waiting []*group
+}
+
+// writeLocked prepares the write of f's state, due at next.
+func (f *flight) writeLocked(next time.Time) write {
+	w := write{r: *f.resultLocked(next), slot: f.slotLocked()}
+	if next.Before(f.low) {
+		f.low = next
+	}
+	for _, gs := range f.groups {
+		if gs.result == resultWaiting {
+			w.waiting = append(w.waiting, gs.d.g)
 		}
 	}
-	f.mu.Unlock()
-	if record != nil {
-		e.storeInOrder("record delivery", slot, func(ctx context.Context) error { return e.store.RecordDelivery(ctx, *record) })
+	return w
+}
+
+// nextLocked is when the message is next due: at the first retry of a
+// failed group, or else at its expiry, which dead-letters it if no group
+// took it by then. A group that waits with no failure is not due at any
+// time: it comes back for the message (group.waitFrom). One that waits
+// after failures is stored as failed (its count must last), so it is due
+// again after its next backoff, and tries again then.
+func (f *flight) nextLocked(now time.Time) time.Time {
+	next := f.e.expiry(f.msg)
+	for _, gs := range f.groups {
+		at := gs.retryAt
+		switch {
+		case gs.result == resultFailed:
+		case gs.result == resultWaiting && gs.attempts > 0:
+			at = now.Add(f.e.retryDelay(gs.attempts))
+		default:
+			continue
+		}
+		if at.Before(next) {
+			next = at
+		}
 	}
+	return next
 }
 
 // retryDue offers d to its group again once its retry is due.
@@ -190,36 +243,36 @@ func (f *flight) offer(d *delivery) {
 // wait records that d's group cannot take it now; the group comes back
 // for it (group.noteWaiting) once it can.
 func (f *flight) wait(d *delivery) {
+	f.mu.Lock()
+	c := f.waitCursorLocked()
+	f.mu.Unlock()
 	f.groupResult(d, resultWaiting, "")
-	d.g.noteWaiting(waitCursor(f.msg))
+	d.g.noteWaiting(c)
 }
 
-// offerWaiting offers the message again to g if g waits for it. It reports
-// false when the flight has ended, so that the caller may look again once
-// its store call is done.
-func (f *flight) offerWaiting(g *group) bool {
+// offerWaiting offers the message again to g if g waits for it.
+func (f *flight) offerWaiting(g *group) {
 	f.mu.Lock()
 	gs := f.groups[g.name]
-	if f.ended {
+	if f.ended || gs == nil || gs.result != resultWaiting {
 		f.mu.Unlock()
-		return false
-	}
-	if gs == nil || gs.result != resultWaiting {
-		f.mu.Unlock()
-		return true
+		return
 	}
 	gs.result = resultPending
 	d := gs.d
 	f.mu.Unlock()
 	f.offer(d)
-	return true
 }
 
-// waitCursor is a position in the due order at or before any m may be
-// stored at from now on: its stored time only moves forward, and a
-// backend may have truncated it to the millisecond.
-func waitCursor(m *storage.Message) storage.Cursor {
-	return storage.Cursor{Time: m.NextDeliverTime.Add(-time.Millisecond)}
+// waitCursorLocked is a position in the due order at or before where the
+// message is stored, and will be until a write of this flight lands
+// (engine.write notes the waiting groups again then).
+func (f *flight) waitCursorLocked() storage.Cursor { return before(f.low) }
+
+// before is a cursor just before any message stored at t: a backend may
+// have truncated t to the millisecond.
+func before(t time.Time) storage.Cursor {
+	return storage.Cursor{Time: t.Add(-time.Millisecond)}
 }
 
 // parkableLocked reports whether no group of a stored flight has the
@@ -236,33 +289,17 @@ func (f *flight) parkableLocked() bool {
 	return true
 }
 
-// parkLocked ends f in memory: the state to store, due at the first retry
-// of a failed group, or else at the message's expiry, which dead-letters
-// it if no group took it by then. A group that waits with no failure is
-// not due at any time: it comes back for the message (group.waitFrom). One
-// that waits after failures is stored as failed (its count must last), so
-// it is due again after its next backoff, and tries again then.
-func (f *flight) parkLocked(now time.Time) (*storage.DeliveryResult, storeSlot) {
+// parkLocked ends f in memory: its retries stop, and its state is written
+// due when it is next due.
+func (f *flight) parkLocked(now time.Time) write {
 	f.ended = true
-	next := f.e.expiry(f.msg)
 	for _, gs := range f.groups {
-		at := gs.retryAt
-		switch {
-		case gs.result == resultFailed:
-			if gs.retry != nil {
-				gs.retry.Stop()
-				gs.retry = nil
-			}
-		case gs.result == resultWaiting && gs.attempts > 0:
-			at = now.Add(f.e.retryDelay(gs.attempts))
-		default:
-			continue
-		}
-		if at.Before(next) {
-			next = at
+		if gs.retry != nil {
+			gs.retry.Stop()
+			gs.retry = nil
 		}
 	}
-	return f.resultLocked(next), f.slotLocked()
+	return f.writeLocked(f.nextLocked(now))
 }
 
 // resultLocked is the delivery state to store, due at next. FailGroups

@@ -25,8 +25,11 @@ import (
 // for them.
 type scanState struct {
 	cursor  storage.Cursor // the last message looked at
-	rewound bool           // the cursor moved back while a page was read
 	reading bool           // a page is being read and dispatched
+	// floor, while a page is read, is where a rewind asked the cursor to
+	// go: the page may hold messages past it, which move the cursor on,
+	// so it takes effect when the page is done.
+	floor *storage.Cursor
 	// forgotten lists the flights that left memory while a page was read:
 	// the page's copy of them is older than their stored state.
 	forgotten map[string]struct{}
@@ -49,12 +52,20 @@ func newScanState() scanState {
 		stop: make(chan struct{}), done: make(chan struct{})}
 }
 
-// rewindLocked moves the cursor back to c, if c is before it.
-func (s *scanState) rewindLocked(c storage.Cursor) {
-	if c.Compare(s.cursor) < 0 {
+// rewindLocked moves the cursor back to c, if c is before it (while a
+// page is read, once it is done). It reports whether it did.
+func (s *scanState) rewindLocked(c storage.Cursor) bool {
+	switch {
+	case s.reading:
+		if s.floor == nil || c.Compare(*s.floor) < 0 {
+			s.floor = &c
+			return true
+		}
+	case c.Compare(s.cursor) < 0:
 		s.cursor = c
-		s.rewound = true
+		return true
 	}
+	return false
 }
 
 func (s *scanState) forgottenLocked(id string) {
@@ -66,9 +77,11 @@ func (s *scanState) forgottenLocked(id string) {
 // rewind moves the scanner's cursor back to c and wakes it.
 func (e *engine) rewind(c storage.Cursor) {
 	e.mu.Lock()
-	e.scan.rewindLocked(c)
+	moved := e.scan.rewindLocked(c)
 	e.mu.Unlock()
-	e.wake()
+	if moved {
+		e.wake()
+	}
 }
 
 // wake makes the scanner pass at once.
@@ -158,13 +171,18 @@ func (e *engine) readPage(q storage.DueQuery) ([]*storage.Message, bool) {
 func (e *engine) endPage() {
 	e.mu.Lock()
 	e.scan.reading = false
+	if f := e.scan.floor; f != nil {
+		e.scan.floor = nil
+		e.scan.rewindLocked(*f)
+	}
 	e.mu.Unlock()
 }
 
 // take decides what the scanner does with m, read from the store: it
 // returns m's flight when m is in memory; ok with a claim on m when m may
-// be dispatched; neither when another caller has m, or m left memory
-// since the page was read (its copy is stale).
+// be dispatched; neither when another caller has claimed m (it dispatches
+// m, or rewinds the scanner to it), or m left memory since the page was
+// read (its copy is stale; the write that moved it rewinds the scanner).
 func (e *engine) take(id string) (f *flight, ok bool) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
@@ -180,17 +198,17 @@ func (e *engine) take(id string) (f *flight, ok bool) {
 }
 
 // scanDue dispatches the messages due now after the cursor, while memory
-// has room.
+// has room. Once it finds none left, publishes and commits dispatch their
+// messages themselves again (engine.blocked).
 func (e *engine) scanDue() {
 	now := e.now()
 	for range scanPages {
 		e.mu.Lock()
-		if e.blocked {
+		if e.blocked && e.bytes > e.opts.MaxDeliveryBytes*3/4 {
 			e.mu.Unlock()
-			return
+			return // forget wakes the scanner when memory has drained
 		}
 		after := e.scan.cursor
-		e.scan.rewound = false
 		e.mu.Unlock()
 		page, ok := e.readPage(storage.DueQuery{Kind: storage.DueDelivery, Before: now, After: after, Limit: scanPage})
 		if !ok {
@@ -198,19 +216,20 @@ func (e *engine) scanDue() {
 		}
 		for _, m := range page {
 			if _, ok := e.take(m.ID()); ok {
-				if err := e.dispatch(m, false); errors.Is(err, errNoRoom) {
-					e.endPage()
-					return // the cursor stays before m
+				if err := e.dispatch(m, false, true); errors.Is(err, errNoRoom) {
+					e.endPage() // dispatch moved the cursor back before m
+					return
 				}
 			}
 			e.mu.Lock()
-			if !e.scan.rewound {
-				e.scan.cursor = m.Cursor()
-			}
+			e.scan.cursor = m.Cursor()
 			e.mu.Unlock()
 		}
 		e.endPage()
 		if len(page) < scanPage {
+			e.mu.Lock()
+			e.blocked = false
+			e.mu.Unlock()
 			return
 		}
 	}
@@ -242,18 +261,15 @@ func (e *engine) refill(g *group) {
 				return
 			}
 			if e.wants(g, m, now) {
-				f, mine := e.take(m.ID())
-				switch {
+				// A flight that is ending, a message another caller
+				// claimed, and a stale copy are passed by: whoever has
+				// the message offers it to g, or writes it, which tells g
+				// where to look again (engine.write).
+				switch f, mine := e.take(m.ID()); {
 				case f != nil:
-					if !f.offerWaiting(g) {
-						e.endPage()
-						return // being parked: look again next pass
-					}
-				case !mine:
-					e.endPage()
-					return // another caller has it, or it changed since read
-				default:
-					if err := e.dispatch(m, false); errors.Is(err, errNoRoom) {
+					f.offerWaiting(g)
+				case mine:
+					if err := e.dispatch(m, false, true); errors.Is(err, errNoRoom) {
 						e.endPage()
 						return
 					}

@@ -370,7 +370,7 @@ func (s *Server) publish(sess *session, p *protocol.Packet) error {
 	}
 	if h.GetFly() {
 		s.storeAck(sess, p.Opaque, h.GetMessageId(), true, "fly: not stored")
-		s.engine.dispatch(m, true)
+		s.engine.dispatch(m, true, false)
 		return nil
 	}
 
@@ -394,18 +394,19 @@ func (s *Server) publish(sess *session, p *protocol.Packet) error {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		stored, err := s.store.Save(ctx, m)
 		cancel()
-		if err != nil || !stored {
+		if err != nil {
 			if claimed {
 				s.engine.unclaim(m.ID())
 			}
-		}
-		if err != nil {
 			s.storeAck(sess, p.Opaque, m.ID(), false, "store: "+err.Error())
 			return
 		}
 		if !stored {
 			s.stats.Duplicates.Add(1)
 			s.storeAck(sess, p.Opaque, m.ID(), true, "duplicate: already stored")
+			if claimed {
+				s.engine.dropClaim(m.ID())
+			}
 			return
 		}
 		s.stats.Stored.Add(1)
@@ -414,7 +415,7 @@ func (s *Server) publish(sess *session, p *protocol.Packet) error {
 		}
 		s.storeAck(sess, p.Opaque, m.ID(), true, "stored")
 		if claimed {
-			s.engine.dispatch(m, false) // errNoRoom: it waits in the store
+			s.engine.dispatch(m, false, false) // errNoRoom: it waits in the store
 		}
 	}()
 	return nil
