@@ -1,7 +1,10 @@
 package broker
 
 import (
+	"context"
 	"encoding/json"
+	"fmt"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -9,6 +12,10 @@ import (
 	"time"
 
 	"google.golang.org/protobuf/proto"
+
+	"github.com/kiteq/kiteq/registry/binding"
+	"github.com/kiteq/kiteq/registry/static"
+	"github.com/kiteq/kiteq/storage/memory"
 )
 
 // adminDo runs one request against the broker's admin handler.
@@ -127,5 +134,81 @@ func TestDeadLettersPaging(t *testing.T) {
 	}
 	if len(seen) != 5 {
 		t.Fatalf("%d dead letters over the pages, want 5", len(seen))
+	}
+}
+
+// blockingRedeliverStore holds Redeliver until released.
+type blockingRedeliverStore struct {
+	*memory.Store
+	entered, release chan struct{}
+}
+
+func (s *blockingRedeliverStore) Redeliver(ctx context.Context, id string) error {
+	close(s.entered)
+	<-s.release
+	return s.Store.Redeliver(ctx, id)
+}
+
+// Stop lets an admin request in progress finish, and answer, before the
+// engine stops: a put back that Stop interrupted could leave the dead
+// letter live with nobody delivering it.
+func TestStopWaitsForAdminRequests(t *testing.T) {
+	mem := memory.New(100)
+	defer mem.Close()
+	st := &blockingRedeliverStore{Store: mem, entered: make(chan struct{}), release: make(chan struct{})}
+	m := storedMessage(time.Now())
+	if _, err := mem.Save(context.Background(), m); err != nil {
+		t.Fatal(err)
+	}
+	if err := mem.DeadLetter(context.Background(), m.ID(), "test"); err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := ln.Addr().(*net.TCPAddr).Port
+	ln.Close()
+	reg, err := static.NewServer("")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A persistent group with no consumer: the message put back waits for it.
+	if err := reg.PublishBindings(context.Background(), "c", []*binding.Binding{binding.Bind_Direct("c", "trade", "t", 10, true)}); err != nil {
+		t.Fatal(err)
+	}
+	b := startOn(t, st, reg, func(o *Options) { o.PPort = port })
+
+	answer := make(chan int, 1)
+	go func() {
+		resp, err := http.Post(fmt.Sprintf("http://127.0.0.1:%d/deadletters/redeliver?id=%s", port, m.ID()), "", nil)
+		if err != nil {
+			t.Error(err)
+			answer <- 0
+			return
+		}
+		resp.Body.Close()
+		answer <- resp.StatusCode
+	}()
+	<-st.entered
+	stopped := make(chan error, 1)
+	go func() { stopped <- b.Stop(context.Background()) }()
+	select {
+	case err := <-stopped:
+		t.Fatalf("Stop returned (%v) while an admin request was in progress", err)
+	case <-time.After(300 * time.Millisecond):
+	}
+	close(st.release)
+	if code := <-answer; code != http.StatusOK {
+		t.Fatalf("the put back in progress at Stop answered %d, want 200", code)
+	}
+	if err := <-stopped; err != nil {
+		t.Fatalf("Stop: %v", err)
+	}
+	if _, err := mem.Get(context.Background(), m.ID()); err != nil {
+		t.Fatalf("the dead letter was not put back: %v", err)
+	}
+	if n := b.Stats().Redelivered; n != 1 {
+		t.Fatalf("redelivered %d, want 1", n)
 	}
 }
