@@ -31,8 +31,9 @@ type engine struct {
 	flights map[string]*flight // and claimed ids
 	bytes   int64              // flights' sizes
 	// blocked: a message was left in the store for lack of room. Until
-	// the scanner catches up, only it brings messages into memory, in due
-	// order, as room frees up; publishes and commits leave theirs to it.
+	// the scanner catches up, it brings messages into memory in due order
+	// as room frees up (below 3/4 of the limit), and publishes and
+	// commits leave theirs to it.
 	blocked bool
 	stopped bool
 	timers  map[*engineTimer]struct{} // retries of flights in memory
@@ -65,9 +66,10 @@ func (e *engine) groupLocked(name string) *group {
 	g := e.groups[name]
 	if g == nil {
 		// What waits in the store for a group is stored at its expiry,
-		// behind no cursor this broker has yet: the group looks for it
-		// from the start, once, when it can first take messages.
-		g = &group{name: name, e: e, watermark: e.routes.watermark(name), wait: true}
+		// behind no cursor this broker has yet: a group with bindings
+		// looks for it from the start, once, when it can first take
+		// messages.
+		g = &group{name: name, e: e, watermark: e.routes.watermark(name), wait: e.routes.has(name)}
 		e.groups[name] = g
 	}
 	return g
@@ -136,7 +138,11 @@ func (e *engine) dispatch(m *storage.Message, fly, fromScan bool) error {
 		f.pending++
 	}
 	if len(f.groups) > 0 {
-		if (e.blocked && !fromScan) || (e.bytes > 0 && e.bytes+size > e.opts.MaxDeliveryBytes) {
+		// While the scanner catches up it takes the room below 3/4 of the
+		// limit, in due order; a fly message, which the scanner cannot
+		// find, takes what room there is.
+		deferToScan := e.blocked && !fromScan && !fly && e.bytes <= e.opts.MaxDeliveryBytes*3/4
+		if deferToScan || (e.bytes > 0 && e.bytes+size > e.opts.MaxDeliveryBytes) {
 			if e.flights[m.ID()] == claimed {
 				delete(e.flights, m.ID())
 			}
@@ -257,7 +263,7 @@ func (e *engine) hold(m *storage.Message, at time.Time) {
 // back has just made due. When it cannot (the read fails, or memory is
 // full), the message stays due in the store, where the scanner finds it.
 func (e *engine) deliverStored(ctx context.Context, id string) error {
-	if !e.claim(id) {
+	if !e.claimAfterEnd(ctx, id) {
 		// Being delivered already, or a flight of the message before a
 		// put back is ending: make sure the scanner looks at it.
 		e.rewindTo(ctx, id)
@@ -298,6 +304,37 @@ func (e *engine) rewindTo(ctx context.Context, id string) {
 		e.rewind(before(m.NextDeliverTime))
 	case !errors.Is(err, storage.ErrNotFound):
 		e.rewind(storage.Cursor{})
+	}
+}
+
+// claimAfterEnd claims id, first waiting for a flight of id that has
+// ended: its Delete or DeadLetter may have landed before a Save or a put
+// back of the same id, whose stored copy that flight must not hide.
+func (e *engine) claimAfterEnd(ctx context.Context, id string) bool {
+	for {
+		if e.claim(id) {
+			return true
+		}
+		e.mu.Lock()
+		f, stopped := e.flights[id], e.stopped
+		e.mu.Unlock()
+		switch {
+		case stopped || f == claimed:
+			return false
+		case f == nil:
+			continue
+		}
+		f.mu.Lock()
+		ended, stored := f.ended, f.stored
+		f.mu.Unlock()
+		if !ended || stored == nil {
+			return false // a live flight has the message
+		}
+		select {
+		case <-stored: // its last store call, and forget, are done
+		case <-ctx.Done():
+			return false
+		}
 	}
 }
 
@@ -530,11 +567,18 @@ func (e *engine) expiry(m *storage.Message) time.Time {
 	return limit
 }
 
-// updateRoutes takes new bindings for topic and resizes the groups.
+// updateRoutes takes new bindings for topic and resizes the groups. A
+// group whose bindings changed looks through the store for what waits for
+// it, from the start: the bindings may have come after the group's
+// consumer (ZooKeeper), with messages for it stored before a restart.
 func (e *engine) updateRoutes(topic string, bs []*binding.Binding) {
 	changed := e.routes.set(topic, bs)
 	for _, name := range changed {
-		e.group(name).setWatermark(e.routes.watermark(name))
+		g := e.group(name)
+		g.setWatermark(e.routes.watermark(name))
+		if e.routes.has(name) {
+			g.noteWaiting(storage.Cursor{})
+		}
 	}
 }
 

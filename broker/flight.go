@@ -247,7 +247,12 @@ func (f *flight) wait(d *delivery) {
 	c := f.waitCursorLocked()
 	f.mu.Unlock()
 	f.groupResult(d, resultWaiting, "")
-	d.g.noteWaiting(c)
+	f.mu.Lock()
+	waits := f.groups[d.g.name].result == resultWaiting
+	f.mu.Unlock()
+	if waits { // not given up, and the flight did not end otherwise
+		d.g.noteWaiting(c)
+	}
 }
 
 // offerWaiting offers the message again to g if g waits for it.

@@ -104,10 +104,16 @@ func (g *group) wantsRefill() bool {
 }
 
 // hasRoom reports whether the group can take another delivery now.
-func (g *group) hasRoom() bool {
+func (g *group) hasRoom() bool { return g.room() > 0 }
+
+// room is how many more deliveries the group can queue now.
+func (g *group) room() int {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	return len(g.sessions) > 0 && len(g.queue) < g.queueCapLocked()
+	if len(g.sessions) == 0 {
+		return 0
+	}
+	return max(g.queueCapLocked()-len(g.queue), 0)
 }
 
 // startRefill begins a refill from the group's cursor.

@@ -47,6 +47,20 @@ func (r *router) match(topic, messageType string) []match {
 	return out
 }
 
+// has reports whether group has a binding.
+func (r *router) has(group string) bool {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	for _, bs := range r.byTopic {
+		for _, b := range bs {
+			if b.GroupId == group {
+				return true
+			}
+		}
+	}
+	return false
+}
+
 // set replaces the bindings of topic and returns the groups whose
 // bindings changed.
 func (r *router) set(topic string, bs []*binding.Binding) []string {

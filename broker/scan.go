@@ -53,14 +53,14 @@ func newScanState() scanState {
 }
 
 // rewindLocked moves the cursor back to c, if c is before it (while a
-// page is read, once it is done). It reports whether it did.
+// page is read, once it is done). It reports whether it did now.
 func (s *scanState) rewindLocked(c storage.Cursor) bool {
 	switch {
 	case s.reading:
 		if s.floor == nil || c.Compare(*s.floor) < 0 {
 			s.floor = &c
-			return true
 		}
+		return false // endPage wakes the scanner if the floor moves the cursor
 	case c.Compare(s.cursor) < 0:
 		s.cursor = c
 		return true
@@ -138,12 +138,17 @@ func (e *engine) scanOnce() {
 }
 
 // readPage reads one page of due messages for the scanner, noting the
-// flights that leave memory meanwhile.
-func (e *engine) readPage(q storage.DueQuery) ([]*storage.Message, bool) {
+// flights that leave memory meanwhile. fromCursor reads after the
+// scanner's cursor, taken under the lock that starts the page, so that a
+// rewind is either applied before the read or kept as the page's floor.
+func (e *engine) readPage(q storage.DueQuery, fromCursor bool) ([]*storage.Message, bool) {
 	e.mu.Lock()
 	if e.stopped {
 		e.mu.Unlock()
 		return nil, false
+	}
+	if fromCursor {
+		q.After = e.scan.cursor
 	}
 	e.scan.reading = true
 	clear(e.scan.forgotten)
@@ -171,30 +176,37 @@ func (e *engine) readPage(q storage.DueQuery) ([]*storage.Message, bool) {
 func (e *engine) endPage() {
 	e.mu.Lock()
 	e.scan.reading = false
+	moved := false
 	if f := e.scan.floor; f != nil {
 		e.scan.floor = nil
-		e.scan.rewindLocked(*f)
+		moved = e.scan.rewindLocked(*f)
 	}
 	e.mu.Unlock()
+	if moved {
+		e.wake()
+	}
 }
 
 // take decides what the scanner does with m, read from the store: it
 // returns m's flight when m is in memory; ok with a claim on m when m may
-// be dispatched; neither when another caller has claimed m (it dispatches
-// m, or rewinds the scanner to it), or m left memory since the page was
-// read (its copy is stale; the write that moved it rewinds the scanner).
-func (e *engine) take(id string) (f *flight, ok bool) {
+// be dispatched; held when another caller has claimed m (it dispatches m,
+// or rewinds the scanner to it); nothing when m left memory since the
+// page was read (its copy is stale; the write that moved it rewinds the
+// scanner and notes the groups waiting for it).
+func (e *engine) take(id string) (f *flight, ok, held bool) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	_, gone := e.scan.forgotten[id]
 	switch cur := e.flights[id]; {
-	case e.stopped || cur == claimed || gone:
-		return nil, false
+	case cur == claimed:
+		return nil, false, true
+	case e.stopped || gone:
+		return nil, false, false
 	case cur != nil:
-		return cur, false
+		return cur, false, false
 	}
 	e.flights[id] = claimed
-	return nil, true
+	return nil, true, false
 }
 
 // scanDue dispatches the messages due now after the cursor, while memory
@@ -208,14 +220,13 @@ func (e *engine) scanDue() {
 			e.mu.Unlock()
 			return // forget wakes the scanner when memory has drained
 		}
-		after := e.scan.cursor
 		e.mu.Unlock()
-		page, ok := e.readPage(storage.DueQuery{Kind: storage.DueDelivery, Before: now, After: after, Limit: scanPage})
+		page, ok := e.readPage(storage.DueQuery{Kind: storage.DueDelivery, Before: now, Limit: scanPage}, true)
 		if !ok {
 			return
 		}
 		for _, m := range page {
-			if _, ok := e.take(m.ID()); ok {
+			if _, ok, _ := e.take(m.ID()); ok {
 				if err := e.dispatch(m, false, true); errors.Is(err, errNoRoom) {
 					e.endPage() // dispatch moved the cursor back before m
 					return
@@ -251,7 +262,8 @@ func (e *engine) refill(g *group) {
 	now := e.now()
 	defer func() { g.endRefill(last, end) }()
 	for range scanPages {
-		page, ok := e.readPage(storage.DueQuery{Kind: storage.DueDelivery, Before: now.Add(farFuture), After: last, Limit: scanPage})
+		limit := min(scanPage, max(2*g.room(), 32)) // read about what g can take
+		page, ok := e.readPage(storage.DueQuery{Kind: storage.DueDelivery, Before: now.Add(farFuture), After: last, Limit: limit}, false)
 		if !ok {
 			return
 		}
@@ -261,11 +273,15 @@ func (e *engine) refill(g *group) {
 				return
 			}
 			if e.wants(g, m, now) {
-				// A flight that is ending, a message another caller
-				// claimed, and a stale copy are passed by: whoever has
-				// the message offers it to g, or writes it, which tells g
-				// where to look again (engine.write).
-				switch f, mine := e.take(m.ID()); {
+				// A flight that is ending and a stale copy are passed by:
+				// the write that ends the flight, or that moved the
+				// message, tells g where to look again (engine.write).
+				// Another caller's claim stops the refill: the caller may
+				// give the message up without offering it to g.
+				switch f, mine, held := e.take(m.ID()); {
+				case held:
+					e.endPage()
+					return
 				case f != nil:
 					f.offerWaiting(g)
 				case mine:
@@ -278,7 +294,7 @@ func (e *engine) refill(g *group) {
 			last = m.Cursor()
 		}
 		e.endPage()
-		if len(page) < scanPage {
+		if len(page) < limit {
 			end = true
 			return
 		}

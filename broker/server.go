@@ -384,13 +384,22 @@ func (s *Server) publish(sess *session, p *protocol.Packet) error {
 		return nil
 	}
 	sess.pubSlots <- struct{}{}
-	saved := sess.startSave(m.ID())
+	var saved chan struct{}
+	if !m.Committed {
+		saved = sess.startSave(m.ID()) // its decision waits for it (txAck)
+	}
 	// A committed message is claimed before it is saved: the scanner,
 	// which may read it as soon as it is stored, leaves it to this
 	// dispatch.
 	claimed := m.Committed && s.engine.claim(m.ID())
 	go func() {
-		defer func() { sess.endSave(m.ID(), saved); <-sess.pubSlots; s.pendingBytes.Add(-size) }()
+		defer func() {
+			if saved != nil {
+				sess.endSave(m.ID(), saved)
+			}
+			<-sess.pubSlots
+			s.pendingBytes.Add(-size)
+		}()
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		stored, err := s.store.Save(ctx, m)
 		cancel()
@@ -414,8 +423,15 @@ func (s *Server) publish(sess *session, p *protocol.Packet) error {
 			s.txcheck.sent(m.ID(), sess)
 		}
 		s.storeAck(sess, p.Opaque, m.ID(), true, "stored")
-		if claimed {
+		switch {
+		case claimed:
 			s.engine.dispatch(m, false, false) // errNoRoom: it waits in the store
+		case m.Committed:
+			// A flight of an earlier copy of this id held the claim, and
+			// ended meanwhile: its end must not hide this one.
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			s.engine.deliverStored(ctx, m.ID())
+			cancel()
 		}
 	}()
 	return nil
