@@ -65,17 +65,18 @@ func (s *Server) adminHandler() http.Handler {
 
 // deadLetterJSON is one entry of GET /deadletters.
 type deadLetterJSON struct {
-	ID           string    `json:"id"`
-	Topic        string    `json:"topic"`
-	MessageType  string    `json:"messageType"`
-	GroupID      string    `json:"groupId"`
-	Committed    bool      `json:"committed"`
-	Reason       string    `json:"reason"`
-	At           time.Time `json:"at"`
-	DeliverCount int32     `json:"deliverCount"`
-	SuccGroups   []string  `json:"succGroups"`
-	FailGroups   []string  `json:"failGroups"`
-	FailCounts   []int32   `json:"failCounts,omitempty"` // each failed group's failures
+	ID           string      `json:"id"`
+	Topic        string      `json:"topic"`
+	MessageType  string      `json:"messageType"`
+	GroupID      string      `json:"groupId"`
+	Committed    bool        `json:"committed"`
+	Reason       string      `json:"reason"`
+	At           time.Time   `json:"at"`
+	DeliverCount int32       `json:"deliverCount"`
+	SuccGroups   []string    `json:"succGroups"`
+	FailGroups   []string    `json:"failGroups"`
+	FailCounts   []int32     `json:"failCounts,omitempty"` // each failed group's failures
+	FailDue      []time.Time `json:"failDue,omitempty"`    // and when it was next due
 }
 
 // listDeadLetters pages through the dead-letter queue in id order:
@@ -105,7 +106,7 @@ func (s *Server) listDeadLetters(w http.ResponseWriter, r *http.Request) {
 		out.DeadLetters = append(out.DeadLetters, deadLetterJSON{
 			ID: m.ID(), Topic: m.Header.GetTopic(), MessageType: m.Header.GetMessageType(), GroupID: m.Header.GetGroupId(),
 			Committed: m.Committed, Reason: d.Reason, At: d.At, DeliverCount: m.DeliverCount,
-			SuccGroups: m.SuccGroups, FailGroups: m.FailGroups, FailCounts: m.FailCounts,
+			SuccGroups: m.SuccGroups, FailGroups: m.FailGroups, FailCounts: m.FailCounts, FailDue: m.FailDue,
 		})
 	}
 	if len(page) == limit {

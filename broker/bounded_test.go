@@ -285,3 +285,36 @@ func TestRestartWithBacklogOverTheMemoryLimit(t *testing.T) {
 	t.Logf("400 messages of 500 bytes delivered after a restart with at most %d bytes in memory", maxBytes)
 	eventually(t, "all finished", func() bool { return storeCount(t, mem) == 0 })
 }
+
+// Each failed group keeps its own backoff while the message waits in the
+// store: a group with a long one is not retried at another's short one.
+func TestEachGroupKeepsItsBackoffWhileParked(t *testing.T) {
+	b := startBroker(t, func(o *Options) {
+		o.RetrySchedule = []time.Duration{100 * time.Millisecond, 3 * time.Second}
+		o.DeliverTimeout = 30 * time.Second
+	})
+	a := connect(t, b.Addr(), "a")
+	a.bind("a", bindDirect("a", "trade", "t", 10, true))
+	slow := connect(t, b.Addr(), "b")
+	slow.bind("b", bindDirect("b", "trade", "t", 10, true))
+	connect(t, b.Addr(), "p").publish(newMessage("trade", "t", "M"))
+	aop, am := a.receive()
+	op, m := slow.receive()
+	slow.ack(op, m, "b", false) // b: retry in 100 ms
+	op, m = slow.receive()
+	slow.ack(op, m, "b", false) // b: second failure, retry in 3 s
+	second := time.Now()
+	time.Sleep(50 * time.Millisecond)
+	a.ack(aop, am, "a", false) // a: retry in 100 ms; both wait: parked
+	op, m = a.receive()
+	a.ack(op, m, "a", true)
+	if b.Stats().Parked == 0 {
+		t.Fatal("the message never waited in the store")
+	}
+	op, m = slow.receive()
+	if el := time.Since(second); el < 2900*time.Millisecond {
+		t.Fatalf("b retried %v after its second failure; its backoff is 3s", el.Round(time.Millisecond))
+	}
+	slow.ack(op, m, "b", true)
+	eventually(t, "finished", func() bool { return storeCount(t, b.store) == 0 })
+}

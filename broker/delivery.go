@@ -104,7 +104,7 @@ func (e *engine) dispatch(m *storage.Message, fly, fromScan bool) error {
 	for _, g := range m.SuccGroups {
 		done[g] = true
 	}
-	counts := failCounts(m)
+	counts, due := failCounts(m), failDue(m)
 	limit := h.GetDeliveryLimit()
 	size := flightSize(m)
 
@@ -123,14 +123,14 @@ func (e *engine) dispatch(m *storage.Message, fly, fromScan bool) error {
 		d := &delivery{f: f, g: e.groupLocked(mt.group), persistent: mt.persistent}
 		gs := &groupState{d: d, attempts: counts[mt.group]}
 		f.groups[mt.group] = gs
-		switch _, failed := counts[mt.group]; {
+		switch at, failed := due[mt.group]; {
 		case limit > 0 && gs.attempts >= limit:
 			gs.result = resultGaveUp
 			gs.reason = fmt.Sprintf("delivery limit %d reached", limit)
 			continue
-		case failed && m.NextDeliverTime.After(now):
-			// Read before its retry is due, for another group.
-			gs.result, gs.retryAt = resultFailed, m.NextDeliverTime
+		case failed && at.After(now):
+			// Read before this group's retry is due, for another group.
+			gs.result, gs.retryAt = resultFailed, at
 			retries = append(retries, gs)
 		default:
 			offers = append(offers, d)
@@ -222,6 +222,20 @@ func failCounts(m *storage.Message) map[string]int32 {
 		}
 	}
 	return counts
+}
+
+// failDue maps each failed group of m to when it is due: its own time,
+// or, for a message stored without them, the message's.
+func failDue(m *storage.Message) map[string]time.Time {
+	due := make(map[string]time.Time, len(m.FailGroups))
+	for i, g := range m.FailGroups {
+		if len(m.FailDue) == len(m.FailGroups) {
+			due[g] = m.FailDue[i]
+		} else {
+			due[g] = m.NextDeliverTime
+		}
+	}
+	return due
 }
 
 // deliverAt is when the producer asked the message to be delivered, or
@@ -621,7 +635,7 @@ func (e *engine) wants(g *group, m *storage.Message, now time.Time) bool {
 	if slices.Contains(m.SuccGroups, g.name) {
 		return false
 	}
-	if slices.Contains(m.FailGroups, g.name) && m.NextDeliverTime.After(now) {
+	if at, failed := failDue(m)[g.name]; failed && at.After(now) {
 		return false
 	}
 	for _, mt := range e.routes.match(m.Header.GetTopic(), m.Header.GetMessageType()) {

@@ -195,19 +195,21 @@ func (f *flight) writeLocked(next time.Time) write {
 // time: it comes back for the message (group.waitFrom). One that waits
 // after failures is stored as failed (its count must last), so it is due
 // again after its next backoff, and tries again then.
+//
+// Each failed group's own time is stored too (FailDue), so that a group
+// with a long backoff is not retried at another group's shorter one.
 func (f *flight) nextLocked(now time.Time) time.Time {
 	next := f.e.expiry(f.msg)
 	for _, gs := range f.groups {
-		at := gs.retryAt
 		switch {
 		case gs.result == resultFailed:
 		case gs.result == resultWaiting && gs.attempts > 0:
-			at = now.Add(f.e.retryDelay(gs.attempts))
+			gs.retryAt = now.Add(f.e.retryDelay(gs.attempts))
 		default:
 			continue
 		}
-		if at.Before(next) {
-			next = at
+		if gs.retryAt.Before(next) {
+			next = gs.retryAt
 		}
 	}
 	return next
@@ -325,8 +327,13 @@ func (f *flight) resultLocked(next time.Time) *storage.DeliveryResult {
 		case gs.result == resultAcked || gs.result == resultSkipped:
 			r.SuccGroups = append(r.SuccGroups, name)
 		case gs.attempts > 0:
+			due := next // a group that gave up: known by its count
+			if gs.result == resultFailed || gs.result == resultWaiting {
+				due = gs.retryAt
+			}
 			r.FailGroups = append(r.FailGroups, name)
 			r.FailCounts = append(r.FailCounts, gs.attempts)
+			r.FailDue = append(r.FailDue, due)
 		}
 	}
 	r.SuccGroups = append(r.SuccGroups, f.msg.SuccGroups...)

@@ -172,7 +172,7 @@ func (s *Store) compactStep(oldest uint32) error {
 			if err != nil {
 				return err
 			}
-			r.succ, r.fail, r.failCounts = dr.succ, dr.fail, dr.failCounts
+			r.succ, r.fail, r.failCounts, r.failDue = dr.succ, dr.fail, dr.failCounts, dr.failDue
 		}
 		w.add(&r, nil)
 	}

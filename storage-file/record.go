@@ -102,10 +102,12 @@ type record struct {
 	next  int64 // unix ms: recSave, recCommit, recDelivery
 	succ  []string
 	fail  []string
-	// failCounts (recSave, recDelivery, recRedeliver) is the last field
-	// of its record, and written only when there are counts: a record
-	// written before the field existed ends where it begins.
+	// failCounts and failDue (unix ms) (recSave, recDelivery,
+	// recRedeliver) are the last fields of their record, in that order,
+	// each written only when it or a field after it has values: a record
+	// written before they existed ends where they begin.
 	failCounts []int32
+	failDue    []int64
 	reason     string // recSave (dead), recDead
 	at         int64  // unix ms: recSave (dead), recDead
 	header     []byte // recSave: protobuf Header
@@ -128,7 +130,7 @@ func appendRecord(dst []byte, r *record) []byte {
 		dst = binary.AppendVarint(dst, r.at)
 		dst = appendBytes(dst, r.header)
 		dst = appendBytes(dst, r.body)
-		dst = appendCounts(dst, r.failCounts)
+		dst = appendFailState(dst, r.failCounts, r.failDue)
 	case recCommit:
 		dst = binary.AppendVarint(dst, r.next)
 	case recDelivery, recRedeliver:
@@ -136,7 +138,7 @@ func appendRecord(dst []byte, r *record) []byte {
 		dst = binary.AppendVarint(dst, r.next)
 		dst = appendStrings(dst, r.succ)
 		dst = appendStrings(dst, r.fail)
-		dst = appendCounts(dst, r.failCounts)
+		dst = appendFailState(dst, r.failCounts, r.failDue)
 	case recDead:
 		dst = appendString(dst, r.reason)
 		dst = binary.AppendVarint(dst, r.at)
@@ -157,14 +159,22 @@ func appendString(dst []byte, s string) []byte {
 	return append(dst, s...)
 }
 
-// appendCounts appends counts, or nothing when there are none.
-func appendCounts(dst []byte, counts []int32) []byte {
-	if len(counts) == 0 {
+// appendFailState appends the optional last fields: counts, then due;
+// nothing when both are empty, counts alone when due is.
+func appendFailState(dst []byte, counts []int32, due []int64) []byte {
+	if len(counts) == 0 && len(due) == 0 {
 		return dst
 	}
 	dst = binary.AppendUvarint(dst, uint64(len(counts)))
 	for _, c := range counts {
 		dst = binary.AppendVarint(dst, int64(c))
+	}
+	if len(due) == 0 {
+		return dst
+	}
+	dst = binary.AppendUvarint(dst, uint64(len(due)))
+	for _, t := range due {
+		dst = binary.AppendVarint(dst, t)
 	}
 	return dst
 }
@@ -210,7 +220,7 @@ func decodeRecord(payload []byte, crc uint32) (*record, error) {
 		r.at = d.varint()
 		r.header = d.bytes()
 		r.body = d.bytes()
-		r.failCounts = d.counts()
+		r.failCounts, r.failDue = d.failState()
 	case recCommit:
 		r.next = d.varint()
 	case recRollback, recDelete:
@@ -219,14 +229,15 @@ func decodeRecord(payload []byte, crc uint32) (*record, error) {
 		r.next = d.varint()
 		r.succ = d.strings()
 		r.fail = d.strings()
-		r.failCounts = d.counts()
+		r.failCounts, r.failDue = d.failState()
 	case recDead:
 		r.reason = d.string()
 		r.at = d.varint()
 	default:
 		return nil, fmt.Errorf("%w: unknown kind %d", errCorrupt, uint8(r.kind))
 	}
-	if d.err != nil || len(d.b) != 0 || (len(r.failCounts) != 0 && len(r.failCounts) != len(r.fail)) {
+	if d.err != nil || len(d.b) != 0 || (len(r.failCounts) != 0 && len(r.failCounts) != len(r.fail)) ||
+		(len(r.failDue) != 0 && len(r.failDue) != len(r.fail)) {
 		return nil, fmt.Errorf("%w: bad %s payload", errCorrupt, r.kind)
 	}
 	return r, nil
@@ -289,21 +300,26 @@ func (d *decoder) bytes() []byte {
 
 func (d *decoder) string() string { return string(d.bytes()) }
 
-// counts reads appendCounts' field: none when the payload has ended.
-func (d *decoder) counts() []int32 {
-	if d.err != nil || len(d.b) == 0 {
-		return nil
+// failState reads appendFailState's fields, each absent when the payload
+// has ended.
+func (d *decoder) failState() (counts []int32, due []int64) {
+	for _, field := range []func(int64){
+		func(v int64) { counts = append(counts, int32(v)) },
+		func(v int64) { due = append(due, v) },
+	} {
+		if d.err != nil || len(d.b) == 0 {
+			return counts, due
+		}
+		n := d.uvarint()
+		if n > uint64(len(d.b)) {
+			d.fail()
+			return nil, nil
+		}
+		for range n {
+			field(d.varint())
+		}
 	}
-	n := d.uvarint()
-	if n > uint64(len(d.b)) {
-		d.fail()
-		return nil
-	}
-	out := make([]int32, 0, n)
-	for range n {
-		out = append(out, int32(d.varint()))
-	}
-	return out
+	return counts, due
 }
 
 func (d *decoder) strings() []string {
@@ -327,7 +343,7 @@ func saveRecord(id msgID, m *storage.Message, st state, reason string, at int64)
 	}
 	return &record{
 		kind: recSave, id: id, state: st, cmd: uint8(m.Cmd), count: m.DeliverCount,
-		next: toMillis(m.NextDeliverTime), succ: m.SuccGroups, fail: m.FailGroups, failCounts: m.FailCounts,
+		next: toMillis(m.NextDeliverTime), succ: m.SuccGroups, fail: m.FailGroups, failCounts: m.FailCounts, failDue: toMillisAll(m.FailDue),
 		reason: reason, at: at, header: header, body: m.Body,
 	}, nil
 }
@@ -342,8 +358,24 @@ func (r *record) message() (*storage.Message, error) {
 		Cmd: protocol.CmdType(r.cmd), Header: h, Body: append([]byte(nil), r.body...),
 		Committed: r.state.committed(), DeliverCount: r.count,
 		NextDeliverTime: fromMillis(r.next),
-		SuccGroups:      r.succ, FailGroups: r.fail, FailCounts: r.failCounts,
+		SuccGroups:      r.succ, FailGroups: r.fail, FailCounts: r.failCounts, FailDue: fromMillisAll(r.failDue),
 	}, nil
+}
+
+func toMillisAll(ts []time.Time) []int64 {
+	var out []int64
+	for _, t := range ts {
+		out = append(out, toMillis(t))
+	}
+	return out
+}
+
+func fromMillisAll(ms []int64) []time.Time {
+	var out []time.Time
+	for _, m := range ms {
+		out = append(out, fromMillis(m))
+	}
+	return out
 }
 
 func toMillis(t time.Time) int64 {

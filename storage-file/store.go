@@ -613,7 +613,7 @@ func (w *writeQueue) add(r *record, enc []byte) {
 	w.sizes = append(w.sizes, uint32(len(w.buf)-before))
 	w.recs = append(w.recs, *r)
 	last := &w.recs[len(w.recs)-1]
-	last.header, last.body, last.succ, last.fail, last.failCounts = nil, nil, nil, nil, nil
+	last.header, last.body, last.succ, last.fail, last.failCounts, last.failDue = nil, nil, nil, nil, nil, nil
 }
 
 func (w *writeQueue) len() int { return len(w.recs) }
@@ -735,7 +735,7 @@ func (s *Store) Save(ctx context.Context, m *storage.Message) (bool, error) {
 	if !ok {
 		return false, fmt.Errorf("file store: save: %w: message id %q", storage.ErrInvalid, m.ID())
 	}
-	if err := storage.CheckFailCounts(m.FailGroups, m.FailCounts); err != nil {
+	if err := storage.CheckFailState(m.FailGroups, m.FailCounts, m.FailDue); err != nil {
 		return false, fmt.Errorf("file store: save %s: %w", m.ID(), err)
 	}
 	if err := ctx.Err(); err != nil {
@@ -861,7 +861,7 @@ func (s *Store) Rollback(ctx context.Context, id string) error {
 
 // RecordDelivery stores the outcome of a delivery round.
 func (s *Store) RecordDelivery(ctx context.Context, d storage.DeliveryResult) error {
-	if err := storage.CheckFailCounts(d.FailGroups, d.FailCounts); err != nil {
+	if err := storage.CheckFailState(d.FailGroups, d.FailCounts, d.FailDue); err != nil {
 		return fmt.Errorf("file store: record delivery %s: %w", d.MessageID, err)
 	}
 	return s.change(ctx, "record delivery", d.MessageID, func(e entry, ok bool) (*record, error) {
@@ -869,7 +869,7 @@ func (s *Store) RecordDelivery(ctx context.Context, d storage.DeliveryResult) er
 			return nil, notFound("record delivery", d.MessageID)
 		}
 		return &record{kind: recDelivery, count: d.DeliverCount, next: toMillis(d.NextDeliverTime),
-			succ: d.SuccGroups, fail: d.FailGroups, failCounts: d.FailCounts}, nil
+			succ: d.SuccGroups, fail: d.FailGroups, failCounts: d.FailCounts, failDue: toMillisAll(d.FailDue)}, nil
 	})
 }
 
@@ -1106,7 +1106,7 @@ func (s *Store) load(e entry) (*storage.Message, error) {
 		if err != nil {
 			return nil, err
 		}
-		m.SuccGroups, m.FailGroups, m.FailCounts = dr.succ, dr.fail, dr.failCounts
+		m.SuccGroups, m.FailGroups, m.FailCounts, m.FailDue = dr.succ, dr.fail, dr.failCounts, fromMillisAll(dr.failDue)
 	}
 	return m, nil
 }

@@ -74,9 +74,9 @@ func TestRedeliverSurvivesRestart(t *testing.T) {
 	}
 }
 
-// FailCounts are the last field of their records, written only when there
-// are counts: a record without them (as written before they existed)
-// decodes with none, and counts survive a restart.
+// FailCounts and FailDue are the last fields of their records, written
+// only when there are values: a record without them (as written before
+// they existed) decodes with none, and both survive a restart.
 func TestFailCountsRecordField(t *testing.T) {
 	id, _ := parseID(protocol.MessageId())
 	old := appendRecord(nil, &record{kind: recDelivery, id: id, count: 3, next: 42,
@@ -122,8 +122,9 @@ func TestFailCountsRecordField(t *testing.T) {
 	if _, err := s.Save(ctx, faultMessage(did, true, time.Now().UnixMilli(), 10)); err != nil {
 		t.Fatal(err)
 	}
+	due := []time.Time{time.UnixMilli(time.Now().Add(time.Minute).UnixMilli()), time.UnixMilli(time.Now().Add(time.Hour).UnixMilli())}
 	if err := s.RecordDelivery(ctx, storage.DeliveryResult{MessageID: did, DeliverCount: 5, NextDeliverTime: time.Now(),
-		FailGroups: []string{"y", "z"}, FailCounts: []int32{5, 2}}); err != nil {
+		FailGroups: []string{"y", "z"}, FailCounts: []int32{5, 2}, FailDue: due}); err != nil {
 		t.Fatal(err)
 	}
 	if err := s.Close(); err != nil {
@@ -139,5 +140,15 @@ func TestFailCountsRecordField(t *testing.T) {
 		if !slices.Equal(got.FailCounts, want) {
 			t.Fatalf("FailCounts after a restart: %v, want %v", got.FailCounts, want)
 		}
+		if id == did && !slices.EqualFunc(got.FailDue, due, time.Time.Equal) {
+			t.Fatalf("FailDue after a restart: %v, want %v", got.FailDue, due)
+		}
+	}
+	// Due times without counts: the counts field is written, empty.
+	only := appendRecord(nil, &record{kind: recDelivery, id: id, fail: []string{"b"}, failDue: []int64{42}})
+	n, crc, _ = parseRecordHeader(only)
+	r, err := decodeRecord(only[recordHeaderLen:recordHeaderLen+n], crc)
+	if err != nil || len(r.failCounts) != 0 || !slices.Equal(r.failDue, []int64{42}) {
+		t.Fatalf("decode of due times without counts: %v, counts %v, due %v", err, r.failCounts, r.failDue)
 	}
 }

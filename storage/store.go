@@ -61,6 +61,11 @@ type Message struct {
 	// counts), and then DeliverCount, the most failures of any group, is
 	// the only count there is.
 	FailCounts []int32
+	// FailDue[i] is when FailGroups[i] is next due, kept like
+	// NextDeliverTime, which is the earliest of them (or earlier). It is
+	// nil, or as long as FailGroups; nil means every failed group is due
+	// at NextDeliverTime.
+	FailDue []time.Time
 }
 
 // ID returns the message id.
@@ -108,6 +113,7 @@ func (m *Message) Clone() *Message {
 	c.SuccGroups = append([]string(nil), m.SuccGroups...)
 	c.FailGroups = append([]string(nil), m.FailGroups...)
 	c.FailCounts = append([]int32(nil), m.FailCounts...)
+	c.FailDue = append([]time.Time(nil), m.FailDue...)
 	return &c
 }
 
@@ -118,17 +124,22 @@ type DeliveryResult struct {
 	NextDeliverTime time.Time
 	// SuccGroups are the groups that acknowledged the message, in this round
 	// or before; FailGroups the groups still to be retried, and FailCounts
-	// (nil, or as long as FailGroups) how often each of them failed.
+	// and FailDue (each nil, or as long as FailGroups) how often each of
+	// them failed and when it is due (see Message).
 	SuccGroups []string
 	FailGroups []string
 	FailCounts []int32
+	FailDue    []time.Time
 }
 
-// CheckFailCounts returns an ErrInvalid error when counts is neither nil
-// nor as long as groups. Backends call it before storing either.
-func CheckFailCounts(groups []string, counts []int32) error {
+// CheckFailState returns an ErrInvalid error when counts or due is
+// neither nil nor as long as groups. Backends call it before storing them.
+func CheckFailState(groups []string, counts []int32, due []time.Time) error {
 	if len(counts) != 0 && len(counts) != len(groups) {
 		return fmt.Errorf("%w: %d FailCounts for %d FailGroups", ErrInvalid, len(counts), len(groups))
+	}
+	if len(due) != 0 && len(due) != len(groups) {
+		return fmt.Errorf("%w: %d FailDue for %d FailGroups", ErrInvalid, len(due), len(groups))
 	}
 	return nil
 }
@@ -227,8 +238,8 @@ type Store interface {
 	DeadLetters(ctx context.Context, afterID string, limit int) ([]*DeadLetter, error)
 	// Redeliver puts a dead letter back for delivery: it becomes a live,
 	// committed message again (an undecided transaction is thereby
-	// committed), due now, with DeliverCount 0 and no FailGroups or
-	// FailCounts; its
+	// committed), due now, with DeliverCount 0 and no FailGroups,
+	// FailCounts or FailDue; its
 	// SuccGroups stay, so the groups that acknowledged it do not get it
 	// again. ErrNotFound when id is not in the dead-letter queue; ErrFull
 	// when the store has no room for another live message.

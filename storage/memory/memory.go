@@ -220,7 +220,7 @@ func validate(m *storage.Message) error {
 		return fmt.Errorf("memory store: save %q: %w: id is not %d lowercase hex characters",
 			m.ID(), storage.ErrInvalid, protocol.MessageIdLen)
 	}
-	if err := storage.CheckFailCounts(m.FailGroups, m.FailCounts); err != nil {
+	if err := storage.CheckFailState(m.FailGroups, m.FailCounts, m.FailDue); err != nil {
 		return fmt.Errorf("memory store: save %s: %w", m.ID(), err)
 	}
 	return nil
@@ -240,6 +240,9 @@ func (s *Store) Save(ctx context.Context, m *storage.Message) (bool, error) {
 	id := m.ID()
 	own := m.Clone() // outside the lock: the copy is the costly part
 	own.NextDeliverTime = msTime(own.NextDeliverTime)
+	for i, t := range own.FailDue {
+		own.FailDue[i] = msTime(t)
+	}
 	sh := s.shard(id)
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
@@ -370,12 +373,16 @@ func (s *Store) RecordDelivery(ctx context.Context, r storage.DeliveryResult) er
 	if err := s.begin(ctx, "record delivery"); err != nil {
 		return err
 	}
-	if err := storage.CheckFailCounts(r.FailGroups, r.FailCounts); err != nil {
+	if err := storage.CheckFailState(r.FailGroups, r.FailCounts, r.FailDue); err != nil {
 		return fmt.Errorf("memory store: record delivery %s: %w", r.MessageID, err)
 	}
 	succ := append([]string(nil), r.SuccGroups...)
 	fail := append([]string(nil), r.FailGroups...)
 	counts := append([]int32(nil), r.FailCounts...)
+	var due []time.Time
+	for _, t := range r.FailDue {
+		due = append(due, msTime(t))
+	}
 	next := msTime(r.NextDeliverTime)
 	return s.update("record delivery", r.MessageID, func(old *storage.Message) (*storage.Message, error) {
 		m := *old
@@ -384,6 +391,7 @@ func (s *Store) RecordDelivery(ctx context.Context, r storage.DeliveryResult) er
 		m.SuccGroups = succ
 		m.FailGroups = fail
 		m.FailCounts = counts
+		m.FailDue = due
 		return &m, nil
 	})
 }
@@ -457,6 +465,7 @@ func (s *Store) Redeliver(ctx context.Context, id string) error {
 	m.NextDeliverTime = msTime(s.now())
 	m.FailGroups = nil
 	m.FailCounts = nil
+	m.FailDue = nil
 	sh.insertLive(&m)
 	return nil
 }

@@ -106,6 +106,9 @@ func DiffMessage(got, want *storage.Message) string {
 	if !slices.Equal(got.FailCounts, want.FailCounts) {
 		d = append(d, fmt.Sprintf("FailCounts: got %v, want %v", got.FailCounts, want.FailCounts))
 	}
+	if !slices.EqualFunc(got.FailDue, want.FailDue, time.Time.Equal) {
+		d = append(d, fmt.Sprintf("FailDue: got %v, want %v", got.FailDue, want.FailDue))
+	}
 	return strings.Join(d, "; ")
 }
 

@@ -319,6 +319,7 @@ func testSaveKeepsDeliveryState(t *testing.T, s storage.Store) {
 	want.SuccGroups = []string{"s-a", "s-b"}
 	want.FailGroups = []string{"s-c", "s-d"}
 	want.FailCounts = []int32{3, 1}
+	want.FailDue = []time.Time{now().Add(2 * time.Minute), now().Add(90 * time.Second)}
 	save(t, s, want)
 	wantSame(t, "Get after Save", get(t, s, want.ID()), want)
 }
@@ -378,6 +379,9 @@ func testSaveInvalid(t *testing.T, s storage.Store) {
 	counts := NewMessage("trade", "pay-succ", true)
 	counts.FailGroups, counts.FailCounts = []string{"s-a", "s-b"}, []int32{1}
 	cases["FailCounts shorter than FailGroups"] = counts
+	dues := NewMessage("trade", "pay-succ", true)
+	dues.FailGroups, dues.FailDue = []string{"s-a"}, []time.Time{now(), now()}
+	cases["FailDue longer than FailGroups"] = dues
 	for name, m := range cases {
 		stored, err := s.Save(t.Context(), m)
 		if stored || !errors.Is(err, storage.ErrInvalid) {
@@ -518,9 +522,11 @@ func testRecordDelivery(t *testing.T, s storage.Store) {
 	wantErr(t, "second RecordDelivery", s.RecordDelivery(t.Context(), storage.DeliveryResult{
 		MessageID: m.ID(), DeliverCount: 2, NextDeliverTime: next2,
 		SuccGroups: []string{"s-a", "s-b"}, FailGroups: []string{"s-c"}, FailCounts: []int32{2},
+		FailDue: []time.Time{next2.Add(1500 * time.Microsecond)}, // kept to the millisecond at least
 	}), nil)
 	want.DeliverCount, want.NextDeliverTime = 2, next2
 	want.SuccGroups, want.FailGroups, want.FailCounts = []string{"s-a", "s-b"}, []string{"s-c"}, []int32{2}
+	want.FailDue = []time.Time{next2.Add(time.Millisecond)}
 	wantSame(t, "Get after second RecordDelivery", get(t, s, m.ID()), want)
 	page = due(t, s, storage.DueQuery{Kind: storage.DueDelivery, Before: next2})
 	wantIDs(t, "Due at the second delivery time", ids(page), m.ID())
@@ -532,6 +538,11 @@ func testRecordDelivery(t *testing.T, s storage.Store) {
 		FailGroups: []string{"s-c"}, FailCounts: []int32{9, 9},
 	})
 	wantErr(t, "RecordDelivery with 2 FailCounts for 1 FailGroups", err, storage.ErrInvalid)
+	err = s.RecordDelivery(t.Context(), storage.DeliveryResult{
+		MessageID: m.ID(), DeliverCount: 9, NextDeliverTime: next2,
+		FailGroups: []string{"s-c"}, FailDue: []time.Time{next2, next2},
+	})
+	wantErr(t, "RecordDelivery with 2 FailDue for 1 FailGroups", err, storage.ErrInvalid)
 	wantSame(t, "Get after a refused RecordDelivery", get(t, s, m.ID()), want)
 
 	// Every group acknowledged.
@@ -1315,6 +1326,7 @@ func testRedeliver(t *testing.T, s storage.Store) {
 		wantErr(t, "RecordDelivery", s.RecordDelivery(t.Context(), storage.DeliveryResult{
 			MessageID: m.ID(), DeliverCount: 5, NextDeliverTime: now().Add(time.Hour),
 			SuccGroups: []string{"s-a"}, FailGroups: []string{"s-b"}, FailCounts: []int32{5},
+			FailDue: []time.Time{now().Add(time.Hour)},
 		}), nil)
 		wantErr(t, "DeadLetter", s.DeadLetter(t.Context(), m.ID(), "delivery limit reached"), nil)
 		if dls := deadLetters(t, s, "", 10); len(dls) != 1 || !slices.Equal(dls[0].Message.FailCounts, []int32{5}) {
@@ -1325,7 +1337,7 @@ func testRedeliver(t *testing.T, s storage.Store) {
 		wantErr(t, "Redeliver", s.Redeliver(t.Context(), m.ID()), nil)
 		to := time.Now()
 		got := get(t, s, m.ID())
-		if !got.Committed || !got.Header.GetCommit() || got.DeliverCount != 0 || len(got.FailGroups) != 0 || len(got.FailCounts) != 0 ||
+		if !got.Committed || !got.Header.GetCommit() || got.DeliverCount != 0 || len(got.FailGroups) != 0 || len(got.FailCounts) != 0 || len(got.FailDue) != 0 ||
 			len(got.SuccGroups) != 1 || got.SuccGroups[0] != "s-a" || !within(got.NextDeliverTime, from, to) {
 			t.Fatalf("Get after Redeliver (saved committed=%v): committed %v/%v, DeliverCount %d, groups %q %q, next %v; "+
 				"want committed, 0, [s-a] [], now", committed, got.Committed, got.Header.GetCommit(), got.DeliverCount,
