@@ -58,6 +58,17 @@ func receiveAll(t *testing.T, c *testConn, group string, want []string, ok bool)
 	return got
 }
 
+// missing returns the ids that got has not counted.
+func missing(ids []string, got map[string]int) []string {
+	var out []string
+	for _, id := range ids {
+		if got[id] == 0 {
+			out = append(out, id)
+		}
+	}
+	return out
+}
+
 // A persistent group with no consumer: its messages wait in the store, not
 // in memory, and all of them arrive, once each, when a consumer connects.
 func TestOfflineGroupWaitsInTheStore(t *testing.T) {
@@ -121,13 +132,7 @@ func TestDeliveryMemoryIsBounded(t *testing.T) {
 		seen[h.m.Header.GetMessageId()]++
 		cons.ack(h.op, h.m, "c", true)
 	}
-	var rest []string
-	for _, id := range ids {
-		if seen[id] == 0 {
-			rest = append(rest, id)
-		}
-	}
-	receiveAll(t, cons, "c", rest, true)
+	receiveAll(t, cons, "c", missing(ids, seen), true)
 	eventually(t, "all finished", func() bool { return storeCount(t, b.store) == 0 })
 }
 
@@ -162,13 +167,7 @@ func TestSlowGroupHoldsOnlyItsShare(t *testing.T) {
 		got[msgs[i].Header.GetMessageId()]++
 		slow.ack(op, msgs[i], "slow", true)
 	}
-	var rest []string
-	for _, id := range ids {
-		if got[id] == 0 {
-			rest = append(rest, id)
-		}
-	}
-	receiveAll(t, slow, "slow", rest, true)
+	receiveAll(t, slow, "slow", missing(ids, got), true)
 	eventually(t, "all finished", func() bool { return storeCount(t, b.store) == 0 })
 	fast.expectNothing(100 * time.Millisecond)
 }
