@@ -1,0 +1,163 @@
+package bench
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+
+	client "github.com/kiteq/kiteq/client-go"
+	"github.com/kiteq/kiteq/protocol"
+	"github.com/kiteq/kiteq/registry/binding"
+)
+
+// KiteQ drives a KiteQ broker that it starts from Bin, one per tier, with
+// the memory store or the file store in a temporary directory.
+type KiteQ struct {
+	Bin string // the kiteq binary (broker/cmd/kiteq)
+
+	proc *process
+	dir  string
+	addr string
+}
+
+func (k *KiteQ) Name() string { return "kiteq" }
+
+func (k *KiteQ) Start(ctx context.Context, tier Tier) (ServerInfo, error) {
+	dir, err := tempDir("kiteq-bench-")
+	if err != nil {
+		return ServerInfo{}, err
+	}
+	db := map[Tier]string{
+		TierMemory:  "memory://",
+		TierWritten: "file://" + filepath.Join(dir, "data") + "?fsync=never",
+		TierSynced:  "file://" + filepath.Join(dir, "data") + "?fsync=always",
+	}[tier]
+	addr, err := freeAddr()
+	if err != nil {
+		os.RemoveAll(dir)
+		return ServerInfo{}, err
+	}
+	p, err := startProcess(ctx, addr, k.Bin, "-bind="+addr, "-pport=0", "-db="+db, "-log-level=warn")
+	if err != nil {
+		os.RemoveAll(dir)
+		return ServerInfo{}, err
+	}
+	k.proc, k.dir, k.addr = p, dir, addr
+	version := "kiteq"
+	if rev := goBinaryRevision(k.Bin); rev != "" {
+		version += " " + rev
+	}
+	return ServerInfo{System: "kiteq", Version: version, Config: "-db=" + db, PID: p.pid()}, nil
+}
+
+func (k *KiteQ) Stop() error {
+	if k.proc == nil {
+		return nil
+	}
+	err := k.proc.stop()
+	os.RemoveAll(k.dir)
+	k.proc = nil
+	return err
+}
+
+// kiteqTopic is the topic of every run; a run's messages have its own
+// message type, and its consumer group binds to that type.
+const kiteqTopic = "bench"
+
+func (k *KiteQ) Target(ctx context.Context, name string) (Target, error) {
+	prod := client.NewKiteQClient("static://"+k.addr, "bench-p-"+name, "bench", nopListener{})
+	prod.SetTopics([]string{kiteqTopic})
+	prod.SetLogger(func(string, ...any) {})
+	if err := prod.Start(); err != nil {
+		return nil, fmt.Errorf("kiteq producer: %w", err)
+	}
+	return &kiteqTarget{k: k, name: name, prod: prod}, nil
+}
+
+type kiteqTarget struct {
+	k    *KiteQ
+	name string
+	prod *client.KiteQClient
+
+	mu   sync.Mutex
+	cons []*client.KiteQClient
+}
+
+// Publisher shares the target's one client: client-go multiplexes its
+// senders over one connection per broker.
+func (t *kiteqTarget) Publisher(context.Context) (Publisher, error) { return kiteqPublisher{t}, nil }
+
+type kiteqPublisher struct{ t *kiteqTarget }
+
+func (p kiteqPublisher) Publish(_ context.Context, body []byte) error {
+	return p.t.prod.SendBytesMessage(p.t.message(body))
+}
+
+func (p kiteqPublisher) Close() error { return nil }
+
+func (t *kiteqTarget) message(body []byte) *protocol.BytesMessage {
+	return &protocol.BytesMessage{
+		Header: &protocol.Header{
+			MessageId: new(protocol.MessageId()), Topic: new(kiteqTopic), MessageType: new(t.name),
+			ExpiredTime: new(int64(-1)), DeliveryLimit: new(int32(-1)), GroupId: new("bench-p-" + t.name),
+			Commit: new(true), Fly: new(false),
+		},
+		Body: body,
+	}
+}
+
+// Consume binds a group to the run's message type, persistently, with a
+// watermark of 1000, and acknowledges every message after fn.
+func (t *kiteqTarget) Consume(ctx context.Context, fn func(body []byte)) error {
+	group := "bench-c-" + t.name
+	c := client.NewKiteQClient("static://"+t.k.addr, group, "bench", bytesListener(fn))
+	c.SetBindings([]*binding.Binding{binding.Bind_Direct(group, kiteqTopic, t.name, 1000, true)})
+	c.SetLogger(func(string, ...any) {})
+	if err := c.Start(); err != nil {
+		return fmt.Errorf("kiteq consumer: %w", err)
+	}
+	t.mu.Lock()
+	t.cons = append(t.cons, c)
+	t.mu.Unlock()
+	go func() {
+		<-ctx.Done()
+		c.Destroy()
+	}()
+	return nil
+}
+
+func (t *kiteqTarget) Close() error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for _, c := range t.cons {
+		c.Destroy()
+	}
+	t.prod.Destroy()
+	return nil
+}
+
+// SendTx publishes body as a transactional message whose local
+// transaction commits at once: the store-ack, then the commit.
+func (t *kiteqTarget) SendTx(body []byte) error {
+	return t.prod.SendTxBytesMessage(t.message(body), func(*protocol.BytesMessage) (bool, error) { return true, nil })
+}
+
+type nopListener struct{}
+
+func (nopListener) OnMessage(*protocol.StringMessage) bool { return true }
+func (nopListener) OnMessageCheck(tx *protocol.TxResponse) error {
+	tx.Commit() // the benchmark's transactions all commit
+	return nil
+}
+
+// bytesListener hands every bytes message to a function.
+type bytesListener func(body []byte)
+
+func (l bytesListener) OnMessage(m *protocol.StringMessage) bool { l([]byte(m.GetBody())); return true }
+func (l bytesListener) OnBytesMessage(m *protocol.BytesMessage) bool {
+	l(m.GetBody())
+	return true
+}
+func (l bytesListener) OnMessageCheck(*protocol.TxResponse) error { return nil }

@@ -1,0 +1,137 @@
+// Command kiteq-bench measures KiteQ beside NATS JetStream and RabbitMQ:
+// confirmed publish throughput, open-loop end-to-end latency, backlog
+// drain and KiteQ transactions, in each durability tier.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/kiteq/kiteq/benchmark/bench"
+)
+
+func main() {
+	if err := run(os.Args[1:]); err != nil {
+		fmt.Fprintln(os.Stderr, "kiteq-bench:", err)
+		os.Exit(1)
+	}
+}
+
+func run(args []string) error {
+	fs := flag.NewFlagSet("kiteq-bench", flag.ContinueOnError)
+	systems := fs.String("systems", "kiteq", "comma-separated systems: kiteq")
+	tiers := fs.String("tiers", "memory", "comma-separated tiers: memory, written, synced")
+	workload := fs.String("workload", "throughput", "throughput, latency, drain or tx")
+	conc := fs.String("c", "1,16,64", "comma-separated numbers of concurrent publishers")
+	size := fs.Int("size", 512, "message bytes")
+	duration := fs.Duration("duration", 5*time.Second, "publishing window of a run")
+	rate := fs.Float64("rate", 1000, "messages per second offered (latency)")
+	backlog := fs.Int("backlog", 100000, "messages to pre-fill (drain)")
+	drainWait := fs.Duration("drain-wait", 30*time.Second, "how long deliveries may go on after the window")
+	kiteqBin := fs.String("kiteq-bin", "", "kiteq broker binary (empty: go build broker/cmd/kiteq)")
+	out := fs.String("json", "", "write the results to this JSON file")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer cancel()
+
+	var cs []int
+	for _, v := range strings.Split(*conc, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(v))
+		if err != nil || n < 1 {
+			return fmt.Errorf("-c %q: want positive numbers", *conc)
+		}
+		cs = append(cs, n)
+	}
+	var results []*bench.Result
+	for _, sys := range strings.Split(*systems, ",") {
+		for _, ts := range strings.Split(*tiers, ",") {
+			tier, err := bench.ParseTier(strings.TrimSpace(ts))
+			if err != nil {
+				return err
+			}
+			d, err := driver(strings.TrimSpace(sys), *kiteqBin)
+			if err != nil {
+				return err
+			}
+			info, err := d.Start(ctx, tier)
+			if err != nil {
+				return fmt.Errorf("%s %s: %w", sys, tier, err)
+			}
+			for i, c := range cs {
+				cfg := bench.RunConfig{Workload: bench.Workload(*workload), Tier: tier, Size: *size, Publishers: c,
+					Duration: *duration, Rate: *rate, Backlog: *backlog, DrainWait: *drainWait, Progress: os.Stderr,
+					ProgressTag: fmt.Sprintf("%-8s %-7s %-10s c=%-3d", sys, tier, *workload, c)}
+				r, err := bench.Run(ctx, d, info, fmt.Sprintf("r%d%d", time.Now().UnixNano()%1e9, i), cfg)
+				if err != nil {
+					d.Stop()
+					return fmt.Errorf("%s %s c=%d: %w", sys, tier, c, err)
+				}
+				results = append(results, r)
+			}
+			if err := d.Stop(); err != nil {
+				return err
+			}
+		}
+	}
+	printTable(results)
+	if *out != "" {
+		b, err := json.MarshalIndent(results, "", "  ")
+		if err != nil {
+			return err
+		}
+		return os.WriteFile(*out, append(b, '\n'), 0o644)
+	}
+	return nil
+}
+
+func driver(name, kiteqBin string) (bench.Driver, error) {
+	switch name {
+	case "kiteq":
+		if kiteqBin == "" {
+			bin, err := buildKiteq()
+			if err != nil {
+				return nil, err
+			}
+			kiteqBin = bin
+		}
+		return &bench.KiteQ{Bin: kiteqBin}, nil
+	}
+	return nil, fmt.Errorf("unknown system %q (want kiteq)", name)
+}
+
+// buildKiteq builds the broker of this checkout.
+func buildKiteq() (string, error) {
+	dir, err := os.MkdirTemp("", "kiteq-bench-bin-")
+	if err != nil {
+		return "", err
+	}
+	bin := filepath.Join(dir, "kiteq")
+	cmd := exec.Command("go", "build", "-o", bin, "github.com/kiteq/kiteq/broker/cmd/kiteq")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("build the kiteq broker: %v\n%s", err, out)
+	}
+	return bin, nil
+}
+
+func printTable(rs []*bench.Result) {
+	fmt.Printf("%-8s %-8s %-10s %4s %6s %12s %12s %9s %6s %10s %10s %10s %8s %9s\n",
+		"system", "tier", "workload", "c", "size", "published/s", "delivered/s", "backlog", "lost",
+		"e2e p50", "e2e p99", "e2e p99.9", "cpu s", "peak RSS")
+	for _, r := range rs {
+		fmt.Printf("%-8s %-8s %-10s %4d %6d %12.0f %12.0f %9d %6d %9.2fms %9.2fms %9.2fms %8.2f %8.0fM\n",
+			r.System, r.Tier, r.Workload, r.Publishers, r.Size, r.PublishedRate, r.DeliveredRate, r.BacklogAtEnd, r.Lost,
+			r.EndToEnd.P50/1000, r.EndToEnd.P99/1000, r.EndToEnd.P999/1000, r.Usage.CPUSeconds, float64(r.Usage.PeakRSSBytes)/(1<<20))
+	}
+}
