@@ -1,14 +1,22 @@
 module github.com/kiteq/kiteq/benchmark
 
-go 1.26
+go 1.26.0
 
 require (
 	github.com/kiteq/kiteq/client-go v0.0.0
 	github.com/kiteq/kiteq/protocol v0.0.0
 	github.com/kiteq/kiteq/registry v0.0.0
+	github.com/nats-io/nats.go v1.55.0
 )
 
-require google.golang.org/protobuf v1.36.12 // indirect
+require (
+	github.com/klauspost/compress v1.20.0 // indirect
+	github.com/nats-io/nkeys v0.4.16 // indirect
+	github.com/nats-io/nuid v1.0.1 // indirect
+	golang.org/x/crypto v0.57.0 // indirect
+	golang.org/x/sys v0.48.0 // indirect
+	google.golang.org/protobuf v1.36.12 // indirect
+)
 
 replace (
 	github.com/kiteq/kiteq/client-go => ../client-go

@@ -1,6 +1,6 @@
 module github.com/kiteq/kiteq/client-go
 
-go 1.26
+go 1.26.0
 
 require (
 	github.com/kiteq/kiteq/protocol v0.0.0-00010101000000-000000000000

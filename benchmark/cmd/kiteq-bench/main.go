@@ -29,7 +29,7 @@ func main() {
 
 func run(args []string) error {
 	fs := flag.NewFlagSet("kiteq-bench", flag.ContinueOnError)
-	systems := fs.String("systems", "kiteq", "comma-separated systems: kiteq")
+	systems := fs.String("systems", "kiteq", "comma-separated systems: kiteq, nats")
 	tiers := fs.String("tiers", "memory", "comma-separated tiers: memory, written, synced")
 	workload := fs.String("workload", "throughput", "throughput, latency, drain or tx")
 	conc := fs.String("c", "1,16,64", "comma-separated numbers of concurrent publishers")
@@ -39,6 +39,7 @@ func run(args []string) error {
 	backlog := fs.Int("backlog", 100000, "messages to pre-fill (drain)")
 	drainWait := fs.Duration("drain-wait", 30*time.Second, "how long deliveries may go on after the window")
 	kiteqBin := fs.String("kiteq-bin", "", "kiteq broker binary (empty: go build broker/cmd/kiteq)")
+	natsBin := fs.String("nats-server", "nats-server", "nats-server binary (make bench builds v2.15.2 into ./bin)")
 	out := fs.String("json", "", "write the results to this JSON file")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -61,7 +62,7 @@ func run(args []string) error {
 			if err != nil {
 				return err
 			}
-			d, err := driver(strings.TrimSpace(sys), *kiteqBin)
+			d, err := driver(strings.TrimSpace(sys), *kiteqBin, *natsBin)
 			if err != nil {
 				return err
 			}
@@ -96,7 +97,7 @@ func run(args []string) error {
 	return nil
 }
 
-func driver(name, kiteqBin string) (bench.Driver, error) {
+func driver(name, kiteqBin, natsBin string) (bench.Driver, error) {
 	switch name {
 	case "kiteq":
 		if kiteqBin == "" {
@@ -107,8 +108,10 @@ func driver(name, kiteqBin string) (bench.Driver, error) {
 			kiteqBin = bin
 		}
 		return &bench.KiteQ{Bin: kiteqBin}, nil
+	case "nats":
+		return &bench.NATS{Bin: natsBin}, nil
 	}
-	return nil, fmt.Errorf("unknown system %q (want kiteq)", name)
+	return nil, fmt.Errorf("unknown system %q (want kiteq or nats)", name)
 }
 
 // buildKiteq builds the broker of this checkout.
