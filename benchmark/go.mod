@@ -7,6 +7,7 @@ require (
 	github.com/kiteq/kiteq/protocol v0.0.0
 	github.com/kiteq/kiteq/registry v0.0.0
 	github.com/nats-io/nats.go v1.55.0
+	github.com/rabbitmq/amqp091-go v1.16.0
 )
 
 require (

@@ -6,6 +6,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"os"
@@ -29,7 +30,7 @@ func main() {
 
 func run(args []string) error {
 	fs := flag.NewFlagSet("kiteq-bench", flag.ContinueOnError)
-	systems := fs.String("systems", "kiteq", "comma-separated systems: kiteq, nats")
+	systems := fs.String("systems", "kiteq", "comma-separated systems: kiteq, nats, rabbitmq")
 	tiers := fs.String("tiers", "memory", "comma-separated tiers: memory, written, synced")
 	workload := fs.String("workload", "throughput", "throughput, latency, drain or tx")
 	conc := fs.String("c", "1,16,64", "comma-separated numbers of concurrent publishers")
@@ -40,6 +41,7 @@ func run(args []string) error {
 	drainWait := fs.Duration("drain-wait", 30*time.Second, "how long deliveries may go on after the window")
 	kiteqBin := fs.String("kiteq-bin", "", "kiteq broker binary (empty: go build broker/cmd/kiteq)")
 	natsBin := fs.String("nats-server", "nats-server", "nats-server binary (make bench builds v2.15.2 into ./bin)")
+	rabbitURL := fs.String("rabbitmq", "amqp://guest:guest@127.0.0.1:5672/", "the RabbitMQ server to measure (not started by the tool)")
 	out := fs.String("json", "", "write the results to this JSON file")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -62,11 +64,15 @@ func run(args []string) error {
 			if err != nil {
 				return err
 			}
-			d, err := driver(strings.TrimSpace(sys), *kiteqBin, *natsBin)
+			d, err := driver(strings.TrimSpace(sys), *kiteqBin, *natsBin, *rabbitURL)
 			if err != nil {
 				return err
 			}
 			info, err := d.Start(ctx, tier)
+			if errors.Is(err, bench.ErrTierUnsupported) {
+				fmt.Fprintf(os.Stderr, "%s has no %s tier: skipped\n", sys, tier)
+				continue
+			}
 			if err != nil {
 				return fmt.Errorf("%s %s: %w", sys, tier, err)
 			}
@@ -97,7 +103,7 @@ func run(args []string) error {
 	return nil
 }
 
-func driver(name, kiteqBin, natsBin string) (bench.Driver, error) {
+func driver(name, kiteqBin, natsBin, rabbitURL string) (bench.Driver, error) {
 	switch name {
 	case "kiteq":
 		if kiteqBin == "" {
@@ -110,8 +116,10 @@ func driver(name, kiteqBin, natsBin string) (bench.Driver, error) {
 		return &bench.KiteQ{Bin: kiteqBin}, nil
 	case "nats":
 		return &bench.NATS{Bin: natsBin}, nil
+	case "rabbitmq":
+		return &bench.RabbitMQ{URL: rabbitURL}, nil
 	}
-	return nil, fmt.Errorf("unknown system %q (want kiteq or nats)", name)
+	return nil, fmt.Errorf("unknown system %q (want kiteq, nats or rabbitmq)", name)
 }
 
 // buildKiteq builds the broker of this checkout.
