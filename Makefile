@@ -28,8 +28,10 @@ DB ?= file://./data
 TOPICS ?=
 RUNFLAGS ?=
 
-# make bench: BENCH is the -bench regexp, BENCHTIME optional (e.g. 2s, 1000x).
+# make gobench: BENCH is the -bench regexp, BENCHTIME optional (e.g. 2s, 1000x).
+# make bench: BENCHFLAGS go to kiteq-bench suite (e.g. -duration=10s).
 BENCH ?= .
+BENCHFLAGS ?=
 BENCHTIME ?=
 
 .PHONY: help
@@ -91,7 +93,7 @@ checks: fmt-check vet tidy-check work-check proto-check deps-check ## all checks
 
 # --- tests -----------------------------------------------------------------
 
-.PHONY: test bench
+.PHONY: test bench gobench
 test: ## install tools, run all checks, then go test -race in each module
 	@scripts/install-tools.sh
 	@$(MAKE) --no-print-directory checks
@@ -100,7 +102,10 @@ test: ## install tools, run all checks, then go test -race in each module
 test/%: ## go test -race in one module, no checks (e.g. make test/protocol)
 	@scripts/test.sh $*
 
-bench: $(MODULES:%=bench/%) ## go test -bench=BENCH -benchmem in each module (BENCH=., BENCHTIME=)
+bench: ## the standard suite, KiteQ beside NATS JetStream and RabbitMQ: writes docs/benchmarks.md
+	@scripts/bench.sh $(BENCHFLAGS)
+
+gobench: $(MODULES:%=bench/%) ## go test -bench=BENCH -benchmem in each module (BENCH=., BENCHTIME=)
 bench/%:
 	@echo '>> go test -run=^$$ -bench=$(BENCH) -benchmem $(if $(BENCHTIME),-benchtime=$(BENCHTIME)) ./... in $*'
 	@cd $* && $(GO) test -run='^$$' -bench='$(BENCH)' -benchmem $(if $(BENCHTIME),-benchtime=$(BENCHTIME)) ./...

@@ -4,7 +4,9 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 
 	client "github.com/kiteq/kiteq/client-go"
@@ -48,8 +50,10 @@ func (k *KiteQ) Start(ctx context.Context, tier Tier) (ServerInfo, error) {
 	version := "kiteq"
 	if rev := goBinaryRevision(k.Bin); rev != "" {
 		version += " " + rev
+	} else if rev := gitRevision(); rev != "" {
+		version += " " + rev + " (this checkout)"
 	}
-	return ServerInfo{System: "kiteq", Version: version, Config: "-db=" + db, PID: p.pid()}, nil
+	return ServerInfo{System: "kiteq", Version: version, Config: "-db=" + strings.ReplaceAll(db, dir, "<temp dir>"), PID: p.pid()}, nil
 }
 
 func (k *KiteQ) Stop() error {
@@ -67,6 +71,16 @@ func (k *KiteQ) Stop() error {
 const kiteqTopic = "bench"
 
 func (k *KiteQ) Target(ctx context.Context, name string) (Target, error) {
+	// The consumer group binds first, persistently, as a queue or a stream
+	// exists before anything is published to it: a message no binding
+	// matches is finished at once.
+	binder := client.NewKiteQClient("static://"+k.addr, consumerGroup(name), "bench", nopListener{})
+	binder.SetBindings([]*binding.Binding{consumerBinding(name)})
+	binder.SetLogger(func(string, ...any) {})
+	if err := binder.Start(); err != nil {
+		return nil, fmt.Errorf("kiteq binding: %w", err)
+	}
+	binder.Destroy()
 	prod := client.NewKiteQClient("static://"+k.addr, "bench-p-"+name, "bench", nopListener{})
 	prod.SetTopics([]string{kiteqTopic})
 	prod.SetLogger(func(string, ...any) {})
@@ -111,9 +125,8 @@ func (t *kiteqTarget) message(body []byte) *protocol.BytesMessage {
 // Consume binds a group to the run's message type, persistently, with a
 // watermark of 1000, and acknowledges every message after fn.
 func (t *kiteqTarget) Consume(ctx context.Context, fn func(body []byte)) error {
-	group := "bench-c-" + t.name
-	c := client.NewKiteQClient("static://"+t.k.addr, group, "bench", bytesListener(fn))
-	c.SetBindings([]*binding.Binding{binding.Bind_Direct(group, kiteqTopic, t.name, 1000, true)})
+	c := client.NewKiteQClient("static://"+t.k.addr, consumerGroup(t.name), "bench", bytesListener(fn))
+	c.SetBindings([]*binding.Binding{consumerBinding(t.name)})
 	c.SetLogger(func(string, ...any) {})
 	if err := c.Start(); err != nil {
 		return fmt.Errorf("kiteq consumer: %w", err)
@@ -142,6 +155,25 @@ func (t *kiteqTarget) Close() error {
 // transaction commits at once: the store-ack, then the commit.
 func (t *kiteqTarget) SendTx(body []byte) error {
 	return t.prod.SendTxBytesMessage(t.message(body), func(*protocol.BytesMessage) (bool, error) { return true, nil })
+}
+
+// gitRevision is the commit of the checkout the tool runs in, or "".
+func gitRevision() string {
+	out, err := exec.Command("git", "rev-parse", "--short=12", "HEAD").Output()
+	if err != nil {
+		return ""
+	}
+	rev := strings.TrimSpace(string(out))
+	if st, err := exec.Command("git", "status", "--porcelain", "--untracked-files=no").Output(); err == nil && len(st) > 0 {
+		rev += "+modified"
+	}
+	return rev
+}
+
+func consumerGroup(run string) string { return "bench-c-" + run }
+
+func consumerBinding(run string) *binding.Binding {
+	return binding.Bind_Direct(consumerGroup(run), kiteqTopic, run, 1000, true)
 }
 
 type nopListener struct{}

@@ -71,11 +71,11 @@ func (n *NATS) Start(ctx context.Context, tier Tier) (ServerInfo, error) {
 	if out, err := exec.Command(n.Bin, "--version").Output(); err == nil {
 		version = strings.TrimSpace(string(out))
 	}
-	storage := "file"
-	if n.storage == jetstream.MemoryStorage {
-		storage = "memory"
-	}
-	cfg := fmt.Sprintf("%s storage, work-queue retention; %s", storage, strings.ReplaceAll(strings.TrimSpace(js), "\n", " "))
+	cfg := map[Tier]string{
+		TierMemory:  "JetStream memory storage, work-queue retention",
+		TierWritten: "JetStream file storage, work-queue retention, the default sync_interval (2m)",
+		TierSynced:  "JetStream file storage, work-queue retention, sync_interval: always",
+	}[tier]
 	return ServerInfo{System: "nats", Version: version, Config: cfg, PID: p.pid()}, nil
 }
 

@@ -29,6 +29,9 @@ func main() {
 }
 
 func run(args []string) error {
+	if len(args) > 0 && args[0] == "suite" {
+		return suite(args[1:])
+	}
 	fs := flag.NewFlagSet("kiteq-bench", flag.ContinueOnError)
 	systems := fs.String("systems", "kiteq", "comma-separated systems: kiteq, nats, rabbitmq")
 	tiers := fs.String("tiers", "memory", "comma-separated tiers: memory, written, synced")
@@ -49,13 +52,9 @@ func run(args []string) error {
 	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer cancel()
 
-	var cs []int
-	for _, v := range strings.Split(*conc, ",") {
-		n, err := strconv.Atoi(strings.TrimSpace(v))
-		if err != nil || n < 1 {
-			return fmt.Errorf("-c %q: want positive numbers", *conc)
-		}
-		cs = append(cs, n)
+	cs, err := parseCs(*conc)
+	if err != nil {
+		return err
 	}
 	var results []*bench.Result
 	for _, sys := range strings.Split(*systems, ",") {
@@ -145,4 +144,60 @@ func printTable(rs []*bench.Result) {
 			r.System, r.Tier, r.Workload, r.Publishers, r.Size, r.PublishedRate, r.DeliveredRate, r.BacklogAtEnd, r.Lost,
 			r.EndToEnd.P50/1000, r.EndToEnd.P99/1000, r.EndToEnd.P999/1000, r.Usage.CPUSeconds, float64(r.Usage.PeakRSSBytes)/(1<<20))
 	}
+}
+
+// suite runs the standard suite and writes its report (make bench).
+func suite(args []string) error {
+	fs := flag.NewFlagSet("kiteq-bench suite", flag.ContinueOnError)
+	conc := fs.String("c", "1,16,64", "comma-separated numbers of concurrent publishers")
+	size := fs.Int("size", 512, "message bytes")
+	duration := fs.Duration("duration", 5*time.Second, "each run's publishing window")
+	backlog := fs.Int("backlog", 20000, "messages of the drain run")
+	drainWait := fs.Duration("drain-wait", 20*time.Second, "how long deliveries may go on after a window")
+	kiteqBin := fs.String("kiteq-bin", "", "kiteq broker binary (empty: go build broker/cmd/kiteq)")
+	natsBin := fs.String("nats-server", "nats-server", "nats-server binary")
+	rabbitURL := fs.String("rabbitmq", "amqp://guest:guest@127.0.0.1:5672/", "the RabbitMQ server to measure")
+	out := fs.String("out", "docs/benchmarks.md", "the report")
+	dir := fs.String("dir", "docs/benchmarks", "where the JSON and the charts go")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer cancel()
+	cs, err := parseCs(*conc)
+	if err != nil {
+		return err
+	}
+	var ds []bench.Driver
+	for _, name := range []string{"kiteq", "nats", "rabbitmq"} {
+		d, err := driver(name, *kiteqBin, *natsBin, *rabbitURL)
+		if err != nil {
+			return err
+		}
+		ds = append(ds, d)
+	}
+	start := time.Now()
+	rs, err := bench.RunSuite(ctx, bench.SuiteConfig{
+		Drivers: ds, Tiers: bench.Tiers, Cs: cs, Size: *size, Duration: *duration, Backlog: *backlog,
+		DrainWait: *drainWait, Dir: *dir, Markdown: *out, Progress: os.Stderr, FsyncProbe: os.TempDir(),
+		Command: "kiteq-bench suite " + strings.Join(args, " "),
+	})
+	printTable(rs)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(os.Stderr, "suite done in %v: %s, %s\n", time.Since(start).Round(time.Second), *out, *dir)
+	return nil
+}
+
+func parseCs(v string) ([]int, error) {
+	var cs []int
+	for _, f := range strings.Split(v, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil || n < 1 {
+			return nil, fmt.Errorf("-c %q: want positive numbers", v)
+		}
+		cs = append(cs, n)
+	}
+	return cs, nil
 }
