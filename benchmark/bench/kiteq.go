@@ -17,7 +17,11 @@ import (
 // KiteQ drives a KiteQ broker that it starts from Bin, one per tier, with
 // the memory store or the file store in a temporary directory.
 type KiteQ struct {
-	Bin string // the kiteq binary (broker/cmd/kiteq)
+	Bin  string   // the kiteq binary (broker/cmd/kiteq)
+	Args []string // more broker flags, e.g. -pport=13801 to profile it
+	// ConnPerPublisher gives each publisher a client (a connection) of
+	// its own; by default publishers share one.
+	ConnPerPublisher bool
 
 	proc *process
 	dir  string
@@ -41,7 +45,8 @@ func (k *KiteQ) Start(ctx context.Context, tier Tier) (ServerInfo, error) {
 		os.RemoveAll(dir)
 		return ServerInfo{}, err
 	}
-	p, err := startProcess(ctx, addr, k.Bin, "-bind="+addr, "-pport=0", "-db="+db, "-log-level=warn")
+	args := append([]string{"-bind=" + addr, "-pport=0", "-db=" + db, "-log-level=warn"}, k.Args...)
+	p, err := startProcess(ctx, addr, k.Bin, args...)
 	if err != nil {
 		os.RemoveAll(dir)
 		return ServerInfo{}, err
@@ -99,17 +104,38 @@ type kiteqTarget struct {
 	cons []*client.KiteQClient
 }
 
-// Publisher shares the target's one client: client-go multiplexes its
-// senders over one connection per broker.
-func (t *kiteqTarget) Publisher(context.Context) (Publisher, error) { return kiteqPublisher{t}, nil }
-
-type kiteqPublisher struct{ t *kiteqTarget }
-
-func (p kiteqPublisher) Publish(_ context.Context, body []byte) error {
-	return p.t.prod.SendBytesMessage(p.t.message(body))
+// Publisher shares the target's one client (client-go multiplexes its
+// senders over one connection per broker), or starts its own
+// (ConnPerPublisher).
+func (t *kiteqTarget) Publisher(context.Context) (Publisher, error) {
+	if !t.k.ConnPerPublisher {
+		return kiteqPublisher{t: t, c: t.prod}, nil
+	}
+	c := client.NewKiteQClient("static://"+t.k.addr, "bench-p-"+t.name, "bench", nopListener{})
+	c.SetTopics([]string{kiteqTopic})
+	c.SetLogger(func(string, ...any) {})
+	if err := c.Start(); err != nil {
+		return nil, fmt.Errorf("kiteq producer: %w", err)
+	}
+	return kiteqPublisher{t: t, c: c, own: true}, nil
 }
 
-func (p kiteqPublisher) Close() error { return nil }
+type kiteqPublisher struct {
+	t   *kiteqTarget
+	c   *client.KiteQClient
+	own bool
+}
+
+func (p kiteqPublisher) Publish(_ context.Context, body []byte) error {
+	return p.c.SendBytesMessage(p.t.message(body))
+}
+
+func (p kiteqPublisher) Close() error {
+	if p.own {
+		p.c.Destroy()
+	}
+	return nil
+}
 
 func (t *kiteqTarget) message(body []byte) *protocol.BytesMessage {
 	return &protocol.BytesMessage{

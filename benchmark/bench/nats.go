@@ -26,6 +26,9 @@ import (
 // consumer with explicit acks and up to 1,000 messages outstanding.
 type NATS struct {
 	Bin string // nats-server
+	// ConnPerPublisher gives each publisher a connection of its own, as
+	// nats bench does; by default publishers share one.
+	ConnPerPublisher bool
 
 	proc    *process
 	dir     string
@@ -107,7 +110,7 @@ func (n *NATS) Target(ctx context.Context, name string) (Target, error) {
 		nc.Close()
 		return nil, fmt.Errorf("nats create stream: %w", err)
 	}
-	return &natsTarget{nc: nc, js: js, stream: stream, subject: "bench." + name}, nil
+	return &natsTarget{nc: nc, js: js, stream: stream, subject: "bench." + name, own: n.ConnPerPublisher}, nil
 }
 
 type natsTarget struct {
@@ -115,6 +118,7 @@ type natsTarget struct {
 	js      jetstream.JetStream
 	stream  jetstream.Stream
 	subject string
+	own     bool // a connection per publisher
 
 	mu   sync.Mutex
 	cons []jetstream.ConsumeContext
@@ -122,17 +126,41 @@ type natsTarget struct {
 }
 
 // Publisher shares the target's connection, as the KiteQ driver shares
-// its client: each Publish waits for its PubAck.
-func (t *natsTarget) Publisher(context.Context) (Publisher, error) { return natsPublisher{t}, nil }
+// its client, or opens its own (ConnPerPublisher): each Publish waits for
+// its PubAck.
+func (t *natsTarget) Publisher(context.Context) (Publisher, error) {
+	if !t.own {
+		return natsPublisher{js: t.js, subject: t.subject}, nil
+	}
+	nc, err := nats.Connect(t.nc.ConnectedUrl())
+	if err != nil {
+		return nil, err
+	}
+	js, err := jetstream.New(nc)
+	if err != nil {
+		nc.Close()
+		return nil, err
+	}
+	return natsPublisher{js: js, subject: t.subject, nc: nc}, nil
+}
 
-type natsPublisher struct{ t *natsTarget }
+type natsPublisher struct {
+	js      jetstream.JetStream
+	subject string
+	nc      *nats.Conn // its own, or nil
+}
 
 func (p natsPublisher) Publish(ctx context.Context, body []byte) error {
-	_, err := p.t.js.Publish(ctx, p.t.subject, body)
+	_, err := p.js.Publish(ctx, p.subject, body)
 	return err
 }
 
-func (p natsPublisher) Close() error { return nil }
+func (p natsPublisher) Close() error {
+	if p.nc != nil {
+		p.nc.Close()
+	}
+	return nil
+}
 
 // Consume uses a connection of its own, so that deliveries and publishes
 // do not share one socket.

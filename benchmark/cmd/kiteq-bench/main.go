@@ -44,6 +44,8 @@ func run(args []string) error {
 	drainWait := fs.Duration("drain-wait", 30*time.Second, "how long deliveries may go on after the window")
 	kiteqBin := fs.String("kiteq-bin", "", "kiteq broker binary (empty: go build broker/cmd/kiteq)")
 	natsBin := fs.String("nats-server", "nats-server", "nats-server binary (make bench builds v2.15.2 into ./bin)")
+	connPer := fs.Bool("conn-per-publisher", false, "a connection per publisher (as nats bench does), not one shared by all")
+	kiteqFlags := fs.String("kiteq-flags", "", "more flags for the kiteq broker, space-separated (e.g. -pport=13801 to profile it)")
 	rabbitURL := fs.String("rabbitmq", "amqp://guest:guest@127.0.0.1:5672/", "the RabbitMQ server to measure (not started by the tool)")
 	out := fs.String("json", "", "write the results to this JSON file")
 	if err := fs.Parse(args); err != nil {
@@ -66,6 +68,12 @@ func run(args []string) error {
 			d, err := driver(strings.TrimSpace(sys), *kiteqBin, *natsBin, *rabbitURL)
 			if err != nil {
 				return err
+			}
+			switch d := d.(type) {
+			case *bench.KiteQ:
+				d.Args, d.ConnPerPublisher = strings.Fields(*kiteqFlags), *connPer
+			case *bench.NATS:
+				d.ConnPerPublisher = *connPer
 			}
 			info, err := d.Start(ctx, tier)
 			if errors.Is(err, bench.ErrTierUnsupported) {
