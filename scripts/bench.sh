@@ -1,20 +1,16 @@
 #!/usr/bin/env bash
 # bench.sh [kiteq-bench suite flags]: builds the KiteQ broker, nats-server
-# v2.15.2 (from its Go module) and kiteq-bench into ./bin, then runs the
+# (v2.15.2, the tool line of benchmark/go.mod) and kiteq-bench into ./bin, then runs the
 # standard suite against them and the RabbitMQ on 127.0.0.1:5672, writing
 # docs/benchmarks.md and docs/benchmarks/.
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
 
-NATS_SERVER_VERSION=v2.15.2
 mkdir -p bin
-log "bench: go build broker/cmd/kiteq, benchmark/cmd/kiteq-bench into ./bin"
+log "bench: go build broker/cmd/kiteq, benchmark/cmd/kiteq-bench, and nats-server (the version benchmark/go.mod requires) into ./bin"
 go build -o bin/kiteq ./broker/cmd/kiteq
 go build -o bin/kiteq-bench ./benchmark/cmd/kiteq-bench
-if ! bin/nats-server --version 2>/dev/null | grep -q "$NATS_SERVER_VERSION"; then
-	log "bench: go install github.com/nats-io/nats-server/v2@$NATS_SERVER_VERSION into ./bin"
-	GOBIN="$ROOT/bin" GOWORK=off go install "github.com/nats-io/nats-server/v2@$NATS_SERVER_VERSION"
-fi
+(cd benchmark && go build -o ../bin/nats-server github.com/nats-io/nats-server/v2)
 case " $* " in
 *" -rabbitmq"*) ;;
 *)

@@ -18,7 +18,7 @@ require (
 	github.com/kiteq/kiteq/storage-file v0.0.0-00010101000000-000000000000 // indirect
 	go.uber.org/dig v1.19.0 // indirect
 	go.uber.org/multierr v1.10.0 // indirect
-	golang.org/x/sys v0.48.0 // indirect
+	golang.org/x/sys v0.49.0 // indirect
 )
 
 replace (

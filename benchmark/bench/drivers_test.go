@@ -1,0 +1,69 @@
+package bench
+
+import (
+	"context"
+	"os/exec"
+	"path/filepath"
+	"testing"
+	"time"
+)
+
+// runShort runs a one-second throughput run and a small drain against d at
+// tier, and checks that every confirmed message was delivered, once.
+func runShort(t *testing.T, d Driver, tier Tier) {
+	t.Helper()
+	ctx := t.Context()
+	info, err := d.Start(ctx, tier)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Stop()
+	for _, cfg := range []RunConfig{
+		{Workload: Throughput, Tier: tier, Size: 512, Publishers: 8, Duration: time.Second, DrainWait: 10 * time.Second},
+		{Workload: Drain, Tier: tier, Size: 512, Publishers: 8, Backlog: 2000, DrainWait: 10 * time.Second},
+	} {
+		r, err := Run(ctx, d, info, "t"+string(cfg.Workload)+time.Now().Format("150405.000000")[7:], cfg)
+		if err != nil {
+			t.Fatalf("%s: %v", cfg.Workload, err)
+		}
+		t.Logf("%s %s %s: published %d (%.0f/s), delivered %d, lost %d, dup %d, broker CPU %.2fs, peak RSS %d MiB",
+			r.System, tier, cfg.Workload, r.Published, r.PublishedRate, r.Delivered, r.Lost, r.Duplicates,
+			r.Usage.CPUSeconds, r.Usage.PeakRSSBytes>>20)
+		if r.Published == 0 || r.Lost != 0 || r.Duplicates != 0 || r.PublishErrors != 0 {
+			t.Fatalf("%s: published %d, lost %d, duplicates %d, errors %d", cfg.Workload, r.Published, r.Lost, r.Duplicates, r.PublishErrors)
+		}
+		if info.PID != 0 && r.Usage.CPUSeconds <= 0 {
+			t.Fatalf("%s: no broker CPU time read for pid %d", cfg.Workload, info.PID)
+		}
+	}
+}
+
+// The KiteQ driver against a broker built from this checkout, on the
+// file store with fsync=always.
+func TestKiteQDriver(t *testing.T) {
+	bin := filepath.Join(t.TempDir(), "kiteq")
+	if out, err := exec.Command("go", "build", "-o", bin, "github.com/kiteq/kiteq/broker/cmd/kiteq").CombinedOutput(); err != nil {
+		t.Fatalf("build kiteq: %v\n%s", err, out)
+	}
+	runShort(t, &KiteQ{Bin: bin}, TierSynced)
+}
+
+// The RabbitMQ driver against the server every machine runs on
+// 127.0.0.1:5672, durable and confirmed.
+func TestRabbitMQDriver(t *testing.T) {
+	r := &RabbitMQ{URL: "amqp://guest:guest@127.0.0.1:5672/"}
+	if _, err := r.Start(context.Background(), TierWritten); err != ErrTierUnsupported {
+		t.Fatalf("the written tier: %v, want ErrTierUnsupported", err)
+	}
+	runShort(t, r, TierSynced)
+}
+
+// The NATS driver against nats-server built from the version this module
+// requires (the tool line of go.mod), with sync_interval always.
+func TestNATSDriver(t *testing.T) {
+	bin := filepath.Join(t.TempDir(), "nats-server")
+	if out, err := exec.Command("go", "build", "-o", bin, "github.com/nats-io/nats-server/v2").CombinedOutput(); err != nil {
+		t.Fatalf("build nats-server: %v\n%s", err, out)
+	}
+	runShort(t, &NATS{Bin: bin}, TierMemory)
+}
