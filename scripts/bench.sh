@@ -11,6 +11,11 @@ log "bench: go build broker/cmd/kiteq, benchmark/cmd/kiteq-bench, and nats-serve
 go build -o bin/kiteq ./broker/cmd/kiteq
 go build -o bin/kiteq-bench ./benchmark/cmd/kiteq-bench
 (cd benchmark && go build -o ../bin/nats-server github.com/nats-io/nats-server/v2)
+NATSCLI_VERSION=v0.5.0
+if ! bin/nats --version 2>/dev/null | grep -qx "$NATSCLI_VERSION"; then
+	log "bench: go install github.com/nats-io/natscli/nats@$NATSCLI_VERSION into ./bin (for the nats bench check)"
+	GOBIN="$ROOT/bin" GOWORK=off go install "github.com/nats-io/natscli/nats@$NATSCLI_VERSION"
+fi
 case " $* " in
 *" -rabbitmq"*) ;;
 *)
@@ -20,4 +25,4 @@ case " $* " in
 	;;
 esac
 log "bench: bin/kiteq-bench suite $*"
-exec bin/kiteq-bench suite -kiteq-bin=bin/kiteq -nats-server=bin/nats-server "$@"
+exec bin/kiteq-bench suite -kiteq-bin=bin/kiteq -nats-server=bin/nats-server -nats-cli=bin/nats "$@"

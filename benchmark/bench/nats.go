@@ -29,6 +29,9 @@ type NATS struct {
 	// ConnPerPublisher gives each publisher a connection of its own, as
 	// nats bench does; by default publishers share one.
 	ConnPerPublisher bool
+	// Limits makes streams keep messages by limits, as nats bench's do,
+	// not as a work queue.
+	Limits bool
 
 	proc    *process
 	dir     string
@@ -79,8 +82,21 @@ func (n *NATS) Start(ctx context.Context, tier Tier) (ServerInfo, error) {
 		TierWritten: "JetStream file storage, work-queue retention, the default sync_interval (2m)",
 		TierSynced:  "JetStream file storage, work-queue retention, sync_interval: always",
 	}[tier]
+	if n.Limits {
+		cfg = strings.Replace(cfg, "work-queue retention", "limits retention", 1)
+	}
 	return ServerInfo{System: "nats", Version: version, Config: cfg, PID: p.pid()}, nil
 }
+
+func (n *NATS) retention() jetstream.RetentionPolicy {
+	if n.Limits {
+		return jetstream.LimitsPolicy
+	}
+	return jetstream.WorkQueuePolicy
+}
+
+// URL is the server's address once started.
+func (n *NATS) URL() string { return n.url }
 
 func (n *NATS) Stop() error {
 	if n.proc == nil {
@@ -104,7 +120,7 @@ func (n *NATS) Target(ctx context.Context, name string) (Target, error) {
 	}
 	stream, err := js.CreateStream(ctx, jetstream.StreamConfig{
 		Name: "bench_" + name, Subjects: []string{"bench." + name},
-		Storage: n.storage, Retention: jetstream.WorkQueuePolicy,
+		Storage: n.storage, Retention: n.retention(),
 	})
 	if err != nil {
 		nc.Close()

@@ -30,11 +30,24 @@ type SuiteConfig struct {
 	Command    string // how the suite was run, for the report
 	Progress   io.Writer
 	FsyncProbe string // a directory on the servers' disk, to time fsync
+
+	// The nats bench check (NATSCheck), when NATSCLI is set.
+	NATSServer, NATSCLI    string
+	CheckMsgs, CheckRounds int
 }
 
 // RunSuite runs the suite and writes its report.
 func RunSuite(ctx context.Context, cfg SuiteConfig) ([]*Result, error) {
 	var rs []*Result
+	var check *natsCheck
+	if cfg.NATSCLI != "" {
+		fmt.Fprintf(cfg.Progress, "nats bench check: %d rounds of %d messages at each C\n", cfg.CheckRounds, cfg.CheckMsgs)
+		got, info, err := NATSCheck(ctx, cfg.NATSServer, cfg.NATSCLI, cfg.Cs, cfg.Size, cfg.CheckMsgs, cfg.CheckRounds)
+		if err != nil {
+			return nil, fmt.Errorf("nats bench check: %w", err)
+		}
+		check = &natsCheck{Results: got, Server: info, Msgs: cfg.CheckMsgs, Rounds: cfg.CheckRounds}
+	}
 	for _, tier := range cfg.Tiers {
 		for _, d := range cfg.Drivers {
 			info, err := d.Start(ctx, tier)
@@ -52,7 +65,15 @@ func RunSuite(ctx context.Context, cfg SuiteConfig) ([]*Result, error) {
 			}
 		}
 	}
-	return rs, writeReport(cfg, rs)
+	return rs, writeReport(cfg, rs, check)
+}
+
+// natsCheck is the nats bench check for the report.
+type natsCheck struct {
+	Results []NATSCheckResult `json:"results"`
+	Server  ServerInfo        `json:"server"`
+	Msgs    int               `json:"messages"`
+	Rounds  int               `json:"rounds"`
 }
 
 func runSystem(ctx context.Context, d Driver, info ServerInfo, tier Tier, cfg SuiteConfig) ([]*Result, error) {
@@ -92,7 +113,7 @@ func runSystem(ctx context.Context, d Driver, info ServerInfo, tier Tier, cfg Su
 	return rs, nil
 }
 
-func writeReport(cfg SuiteConfig, rs []*Result) error {
+func writeReport(cfg SuiteConfig, rs []*Result, check *natsCheck) error {
 	if err := os.MkdirAll(cfg.Dir, 0o755); err != nil {
 		return err
 	}
@@ -102,6 +123,15 @@ func writeReport(cfg SuiteConfig, rs []*Result) error {
 	}
 	if err := os.WriteFile(filepath.Join(cfg.Dir, "results.json"), append(b, '\n'), 0o644); err != nil {
 		return err
+	}
+	if check != nil {
+		b, err := json.MarshalIndent(check, "", "  ")
+		if err != nil {
+			return err
+		}
+		if err := os.WriteFile(filepath.Join(cfg.Dir, "natscheck.json"), append(b, '\n'), 0o644); err != nil {
+			return err
+		}
 	}
 	var charts []string
 	for _, tier := range cfg.Tiers {
@@ -125,10 +155,10 @@ func writeReport(cfg SuiteConfig, rs []*Result) error {
 	if err != nil {
 		rel = cfg.Dir
 	}
-	return os.WriteFile(cfg.Markdown, []byte(markdown(cfg, rs, charts, rel)), 0o644)
+	return os.WriteFile(cfg.Markdown, []byte(markdown(cfg, rs, check, charts, rel)), 0o644)
 }
 
-func markdown(cfg SuiteConfig, rs []*Result, charts []string, rel string) string {
+func markdown(cfg SuiteConfig, rs []*Result, check *natsCheck, charts []string, rel string) string {
 	var w strings.Builder
 	p := func(format string, args ...any) { fmt.Fprintf(&w, format, args...) }
 	p("# Benchmarks: KiteQ, NATS JetStream and RabbitMQ\n\n")
@@ -201,6 +231,21 @@ func markdown(cfg SuiteConfig, rs []*Result, charts []string, rel string) string
 		if k != nil && peer != nil && k.EndToEnd.P99 > 0 {
 			p("| %s | e2e p99 at 50%% load | %s | %s (%s) | %.2f |\n", tier, ms(k.EndToEnd.P99), ms(peer.EndToEnd.P99), peer.System,
 				peer.EndToEnd.P99/k.EndToEnd.P99)
+		}
+	}
+	if check != nil {
+		p("\n## Is the tool the bottleneck? The nats bench check\n\n")
+		p("One nats-server and its client (%s): %s, %d-byte messages, synchronous publishes from C clients with a "+
+			"connection each, no consumer. %d alternating rounds of `nats bench js pub sync` and of kiteq-bench's own "+
+			"publish phase, %d messages each; medians. The tool should be within 20%% of nats bench.\n\n",
+			check.Server.Version, check.Server.Config, cfg.Size, check.Rounds, check.Msgs)
+		p("| C | kiteq-bench msgs/s | nats bench msgs/s | ratio | within 20%% |\n|---:|---:|---:|---:|---|\n")
+		for _, r := range check.Results {
+			ok := "yes"
+			if r.Ratio < 0.8 || r.Ratio > 1.2 {
+				ok = "**no**"
+			}
+			p("| %d | %.0f | %.0f | %.2f | %s |\n", r.Publishers, median(r.Tool), median(r.NATSBench), r.Ratio, ok)
 		}
 	}
 	p("\n## Charts\n\n")

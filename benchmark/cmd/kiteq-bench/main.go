@@ -165,6 +165,9 @@ func suite(args []string) error {
 	kiteqBin := fs.String("kiteq-bin", "", "kiteq broker binary (empty: go build broker/cmd/kiteq)")
 	natsBin := fs.String("nats-server", "nats-server", "nats-server binary")
 	rabbitURL := fs.String("rabbitmq", "amqp://guest:guest@127.0.0.1:5672/", "the RabbitMQ server to measure")
+	natsCLI := fs.String("nats-cli", "", "the nats CLI (natscli v0.5.0) for the nats bench check; empty skips it")
+	checkMsgs := fs.Int("check-msgs", 100000, "messages per round of the nats bench check")
+	checkRounds := fs.Int("check-rounds", 3, "alternating rounds of the nats bench check")
 	out := fs.String("out", "docs/benchmarks.md", "the report")
 	dir := fs.String("dir", "docs/benchmarks", "where the JSON and the charts go")
 	if err := fs.Parse(args); err != nil {
@@ -188,6 +191,7 @@ func suite(args []string) error {
 	rs, err := bench.RunSuite(ctx, bench.SuiteConfig{
 		Drivers: ds, Tiers: bench.Tiers, Cs: cs, Size: *size, Duration: *duration, Backlog: *backlog,
 		DrainWait: *drainWait, Dir: *dir, Markdown: *out, Progress: os.Stderr, FsyncProbe: os.TempDir(),
+		NATSServer: *natsBin, NATSCLI: *natsCLI, CheckMsgs: *checkMsgs, CheckRounds: *checkRounds,
 		Command: "kiteq-bench suite " + strings.Join(args, " "),
 	})
 	printTable(rs)
