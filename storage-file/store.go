@@ -67,6 +67,10 @@ type Store struct {
 	activeSize int64
 	segIDs     []uint32  // ascending; the last one is active
 	dirty      bool      // written since the last fsync
+	// handedOff: the active segment's bytes before it have been handed to
+	// the kernel's writeback (fsync=interval and never), so that the fsync
+	// of a full segment when it rolls finds little left to write.
+	handedOff int64
 	compactAt  int64     // next offset to look at in the oldest segment
 	prep       *preparer // nil with fsync=never
 	// preallocated: the active segment came full of zeros. When it did not
@@ -288,7 +292,7 @@ func (s *Store) roll() error {
 // when the segment cannot be opened for it, writes go through the page
 // cache.
 func (s *Store) setActive(seg *segment, size int64) error {
-	s.active, s.activeSize = seg, size
+	s.active, s.activeSize, s.handedOff = seg, size, size
 	if s.opts.Sync != SyncAlways || !s.preallocated || s.opts.SegmentSize%directBlock != 0 {
 		return nil
 	}
@@ -552,6 +556,7 @@ func (s *Store) write(w *writeQueue) (int, error) {
 				break
 			}
 			s.dirty = true
+			s.handOff(s.activeSize + int64(n))
 		}
 		for i := written; i < end; i++ {
 			positions = append(positions, pos{seg: s.active.id, off: uint32(s.activeSize), size: sizes[i]})
@@ -661,6 +666,25 @@ func (s *Store) fail(err error) {
 	}
 	s.mu.Unlock()
 	s.log.Error("file store refuses writes from now on", zap.Error(err))
+}
+
+// writebackChunk is how much the page-cache policies (fsync=interval and
+// never) let a segment gather before they start its writeback.
+const writebackChunk = 1 << 20
+
+// handOff starts the writeback of the active segment up to end once a
+// chunk has gathered, without waiting for it. With fsync=never nothing
+// else did until the segment rolled, and then its fsync wrote the whole
+// segment while every save waited: a stall of tens of milliseconds every
+// 64 MiB. The fsync=always policy syncs every write anyway.
+func (s *Store) handOff(end int64) {
+	if s.opts.Sync == SyncAlways || end-s.handedOff < writebackChunk {
+		return
+	}
+	const syncFileRangeWrite = 0x2 // SYNC_FILE_RANGE_WRITE: start writeback, do not wait
+	// Advisory: an error here shows again at the fsync that counts.
+	syscall.SyncFileRange(int(s.active.f.Fd()), s.handedOff, end-s.handedOff, syncFileRangeWrite)
+	s.handedOff = end
 }
 
 func (s *Store) syncIfDirty() {
