@@ -65,14 +65,14 @@ type Store struct {
 	spare      writeQueue // swapped with q at each flush
 	active     *segment
 	activeSize int64
-	segIDs     []uint32  // ascending; the last one is active
-	dirty      bool      // written since the last fsync
+	segIDs     []uint32 // ascending; the last one is active
+	dirty      bool     // written since the last fsync
 	// handedOff: the active segment's bytes before it have been handed to
 	// the kernel's writeback (fsync=interval and never), so that the fsync
 	// of a full segment when it rolls finds little left to write.
 	handedOff int64
-	compactAt  int64     // next offset to look at in the oldest segment
-	prep       *preparer // nil with fsync=never
+	compactAt int64     // next offset to look at in the oldest segment
+	prep      *preparer // nil with fsync=never
 	// preallocated: the active segment came full of zeros. When it did not
 	// (a new store, a repaired tail), the writer moves to a spare as soon
 	// as one is ready.
