@@ -3,11 +3,15 @@ package bench
 import (
 	"context"
 	"fmt"
+	"io"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
+	"time"
 
 	client "github.com/kiteq/kiteq/client-go"
 	"github.com/kiteq/kiteq/protocol"
@@ -23,9 +27,10 @@ type KiteQ struct {
 	// its own; by default publishers share one.
 	ConnPerPublisher bool
 
-	proc *process
-	dir  string
-	addr string
+	proc  *process
+	dir   string
+	addr  string
+	admin string // the broker's admin HTTP address: pprof
 }
 
 func (k *KiteQ) Name() string { return "kiteq" }
@@ -45,13 +50,19 @@ func (k *KiteQ) Start(ctx context.Context, tier Tier) (ServerInfo, error) {
 		os.RemoveAll(dir)
 		return ServerInfo{}, err
 	}
-	args := append([]string{"-bind=" + addr, "-pport=0", "-db=" + db, "-log-level=warn"}, k.Args...)
+	admin, err := freeAddr()
+	if err != nil {
+		os.RemoveAll(dir)
+		return ServerInfo{}, err
+	}
+	_, adminPort, _ := net.SplitHostPort(admin)
+	args := append([]string{"-bind=" + addr, "-pport=" + adminPort, "-db=" + db, "-log-level=warn"}, k.Args...)
 	p, err := startProcess(ctx, addr, k.Bin, args...)
 	if err != nil {
 		os.RemoveAll(dir)
 		return ServerInfo{}, err
 	}
-	k.proc, k.dir, k.addr = p, dir, addr
+	k.proc, k.dir, k.addr, k.admin = p, dir, addr, admin
 	version := "kiteq"
 	if rev := goBinaryRevision(k.Bin); rev != "" {
 		version += " " + rev
@@ -59,6 +70,25 @@ func (k *KiteQ) Start(ctx context.Context, tier Tier) (ServerInfo, error) {
 		version += " " + rev + " (this checkout)"
 	}
 	return ServerInfo{System: "kiteq", Version: version, Config: "-db=" + strings.ReplaceAll(db, dir, "<temp dir>"), PID: p.pid()}, nil
+}
+
+// CPUProfile records the broker's CPU profile for d (its admin port's
+// /debug/pprof/profile).
+func (k *KiteQ) CPUProfile(ctx context.Context, d time.Duration) ([]byte, error) {
+	url := fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", k.admin, max(int(d.Seconds()), 1))
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("GET %s: %s", url, resp.Status)
+	}
+	return io.ReadAll(resp.Body)
 }
 
 func (k *KiteQ) Stop() error {

@@ -65,7 +65,14 @@ func RunSuite(ctx context.Context, cfg SuiteConfig) ([]*Result, error) {
 			}
 		}
 	}
-	return rs, writeReport(cfg, rs, check)
+	if err := os.MkdirAll(cfg.Dir, 0o755); err != nil {
+		return rs, err
+	}
+	profiles, err := profileBehind(ctx, cfg, rs)
+	if err != nil {
+		return rs, fmt.Errorf("profile KiteQ where it is behind: %w", err)
+	}
+	return rs, writeReport(cfg, rs, check, profiles)
 }
 
 // natsCheck is the nats bench check for the report.
@@ -113,7 +120,7 @@ func runSystem(ctx context.Context, d Driver, info ServerInfo, tier Tier, cfg Su
 	return rs, nil
 }
 
-func writeReport(cfg SuiteConfig, rs []*Result, check *natsCheck) error {
+func writeReport(cfg SuiteConfig, rs []*Result, check *natsCheck, profiles []behindProfile) error {
 	if err := os.MkdirAll(cfg.Dir, 0o755); err != nil {
 		return err
 	}
@@ -155,10 +162,10 @@ func writeReport(cfg SuiteConfig, rs []*Result, check *natsCheck) error {
 	if err != nil {
 		rel = cfg.Dir
 	}
-	return os.WriteFile(cfg.Markdown, []byte(markdown(cfg, rs, check, charts, rel)), 0o644)
+	return os.WriteFile(cfg.Markdown, []byte(markdown(cfg, rs, check, profiles, charts, rel)), 0o644)
 }
 
-func markdown(cfg SuiteConfig, rs []*Result, check *natsCheck, charts []string, rel string) string {
+func markdown(cfg SuiteConfig, rs []*Result, check *natsCheck, profiles []behindProfile, charts []string, rel string) string {
 	var w strings.Builder
 	p := func(format string, args ...any) { fmt.Fprintf(&w, format, args...) }
 	p("# Benchmarks: KiteQ, NATS JetStream and RabbitMQ\n\n")
@@ -231,6 +238,15 @@ func markdown(cfg SuiteConfig, rs []*Result, check *natsCheck, charts []string, 
 		if k != nil && peer != nil && k.EndToEnd.P99 > 0 {
 			p("| %s | e2e p99 at 50%% load | %s | %s (%s) | %.2f |\n", tier, ms(k.EndToEnd.P99), ms(peer.EndToEnd.P99), peer.System,
 				peer.EndToEnd.P99/k.EndToEnd.P99)
+		}
+	}
+	if len(profiles) > 0 {
+		p("\n## Where KiteQ's time goes where it is behind\n\n")
+		p("For each tier where KiteQ's throughput is below the best peer's, the suite runs KiteQ again at the C where it is " +
+			"furthest behind and records the broker's CPU profile (its admin port's /debug/pprof/profile) for the run's " +
+			"window less a second; the machine's two cores also run the load generator.\n\n")
+		for _, pr := range profiles {
+			p("### %s tier, C=%d: %.2f of the best peer ([%s](%s/%s))\n\n```\n%s```\n\n", pr.Tier, pr.C, pr.Ratio, pr.File, rel, pr.File, pr.Top)
 		}
 	}
 	if check != nil {
