@@ -92,7 +92,8 @@ type delivery struct {
 }
 
 // groupResult records what became of d: the outcome of an attempt, or
-// that the group cannot take the message now (resultWaiting).
+// that the group cannot take the message now (resultWaiting), after which
+// the group comes back for it (group.noteWaiting) once it can.
 func (f *flight) groupResult(d *delivery, r deliveryResult, reason string) {
 	e, g := f.e, d.g
 	now := e.now()
@@ -115,6 +116,10 @@ func (f *flight) groupResult(d *delivery, r deliveryResult, reason string) {
 			break
 		}
 		gs.result = resultWaiting
+		// The group comes back for it once it can, from where the message
+		// is stored now, or earlier (a write of this flight that moves it
+		// notes the group again).
+		defer g.noteWaiting(f.waitCursorLocked())
 	case resultExpired:
 		gs.result = resultGaveUp
 		gs.reason = fmt.Sprintf("expired at %s before its retry; last failure: %s",
@@ -238,22 +243,7 @@ func (f *flight) offer(d *delivery) {
 	case offerSkipped:
 		f.groupResult(d, resultSkipped, "")
 	case offerWaits:
-		f.wait(d)
-	}
-}
-
-// wait records that d's group cannot take it now; the group comes back
-// for it (group.noteWaiting) once it can.
-func (f *flight) wait(d *delivery) {
-	f.mu.Lock()
-	c := f.waitCursorLocked()
-	f.mu.Unlock()
-	f.groupResult(d, resultWaiting, "")
-	f.mu.Lock()
-	waits := f.groups[d.g.name].result == resultWaiting
-	f.mu.Unlock()
-	if waits { // not given up, and the flight did not end otherwise
-		d.g.noteWaiting(c)
+		f.groupResult(d, resultWaiting, "")
 	}
 }
 

@@ -244,7 +244,7 @@ func (g *group) send(picks []pick, skipped, waits []*delivery, refill bool) {
 		d.f.groupResult(d, resultSkipped, "")
 	}
 	for _, d := range waits {
-		d.f.wait(d)
+		d.f.groupResult(d, resultWaiting, "")
 	}
 	if refill {
 		g.e.wake()

@@ -36,7 +36,7 @@ type KiteQ struct {
 func (k *KiteQ) Name() string { return "kiteq" }
 
 func (k *KiteQ) Start(ctx context.Context, tier Tier) (ServerInfo, error) {
-	dir, err := tempDir("kiteq-bench-")
+	dir, err := os.MkdirTemp("", "kiteq-bench-")
 	if err != nil {
 		return ServerInfo{}, err
 	}
@@ -64,9 +64,7 @@ func (k *KiteQ) Start(ctx context.Context, tier Tier) (ServerInfo, error) {
 	}
 	k.proc, k.dir, k.addr, k.admin = p, dir, addr, admin
 	version := "kiteq"
-	if rev := goBinaryRevision(k.Bin); rev != "" {
-		version += " " + rev
-	} else if rev := gitRevision(); rev != "" {
+	if rev := gitRevision(); rev != "" {
 		version += " " + rev + " (this checkout)"
 	}
 	return ServerInfo{System: "kiteq", Version: version, Config: "-db=" + strings.ReplaceAll(db, dir, "<temp dir>"), PID: p.pid()}, nil

@@ -42,7 +42,7 @@ type NATS struct {
 func (n *NATS) Name() string { return "nats" }
 
 func (n *NATS) Start(ctx context.Context, tier Tier) (ServerInfo, error) {
-	dir, err := tempDir("nats-bench-")
+	dir, err := os.MkdirTemp("", "nats-bench-")
 	if err != nil {
 		return ServerInfo{}, err
 	}

@@ -4,9 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net"
-	"os"
 	"os/exec"
-	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -77,28 +75,6 @@ func freeAddr() (string, error) {
 	return ln.Addr().String(), nil
 }
 
-// goBinaryRevision returns the VCS revision Go stamped in bin, or "".
-func goBinaryRevision(bin string) string {
-	out, err := exec.Command("go", "version", "-m", bin).Output()
-	if err != nil {
-		return ""
-	}
-	rev, modified := "", false
-	for line := range strings.SplitSeq(string(out), "\n") {
-		f := strings.Fields(line)
-		if len(f) == 2 && f[0] == "build" {
-			if v, ok := strings.CutPrefix(f[1], "vcs.revision="); ok {
-				rev = v[:min(len(v), 12)]
-			}
-			modified = modified || f[1] == "vcs.modified=true"
-		}
-	}
-	if rev != "" && modified {
-		rev += "+modified"
-	}
-	return rev
-}
-
 // tailBuffer keeps the last 16 KiB written to it.
 type tailBuffer struct {
 	mu  sync.Mutex
@@ -120,6 +96,3 @@ func (t *tailBuffer) String() string {
 	defer t.mu.Unlock()
 	return string(t.buf)
 }
-
-// tempDir makes a directory for a server's data, removed by the caller.
-func tempDir(prefix string) (string, error) { return os.MkdirTemp("", prefix) }

@@ -36,28 +36,16 @@ func run(args []string) error {
 	systems := fs.String("systems", "kiteq", "comma-separated systems: kiteq, nats, rabbitmq")
 	tiers := fs.String("tiers", "memory", "comma-separated tiers: memory, written, synced")
 	workload := fs.String("workload", "throughput", "throughput, latency, drain or tx")
-	conc := fs.String("c", "1,16,64", "comma-separated numbers of concurrent publishers")
-	size := fs.Int("size", 512, "message bytes")
-	duration := fs.Duration("duration", 5*time.Second, "publishing window of a run")
+	f := addCommon(fs, 100000, 30*time.Second)
 	rate := fs.Float64("rate", 1000, "messages per second offered (latency)")
-	backlog := fs.Int("backlog", 100000, "messages to pre-fill (drain)")
-	drainWait := fs.Duration("drain-wait", 30*time.Second, "how long deliveries may go on after the window")
-	kiteqBin := fs.String("kiteq-bin", "", "kiteq broker binary (empty: go build broker/cmd/kiteq)")
-	natsBin := fs.String("nats-server", "nats-server", "nats-server binary (make bench builds v2.15.2 into ./bin)")
 	connPer := fs.Bool("conn-per-publisher", false, "a connection per publisher (as nats bench does), not one shared by all")
 	kiteqFlags := fs.String("kiteq-flags", "", "more flags for the kiteq broker, space-separated (e.g. -pport=13801 to profile it)")
-	rabbitURL := fs.String("rabbitmq", "amqp://guest:guest@127.0.0.1:5672/", "the RabbitMQ server to measure (not started by the tool)")
 	out := fs.String("json", "", "write the results to this JSON file")
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer cancel()
-
-	cs, err := parseCs(*conc)
+	ctx, cancel, cs, err := f.parse(fs, args)
 	if err != nil {
 		return err
 	}
+	defer cancel()
 	var results []*bench.Result
 	for _, sys := range strings.Split(*systems, ",") {
 		for _, ts := range strings.Split(*tiers, ",") {
@@ -65,7 +53,7 @@ func run(args []string) error {
 			if err != nil {
 				return err
 			}
-			d, err := driver(strings.TrimSpace(sys), *kiteqBin, *natsBin, *rabbitURL)
+			d, err := f.driver(strings.TrimSpace(sys))
 			if err != nil {
 				return err
 			}
@@ -84,8 +72,8 @@ func run(args []string) error {
 				return fmt.Errorf("%s %s: %w", sys, tier, err)
 			}
 			for i, c := range cs {
-				cfg := bench.RunConfig{Workload: bench.Workload(*workload), Tier: tier, Size: *size, Publishers: c,
-					Duration: *duration, Rate: *rate, Backlog: *backlog, DrainWait: *drainWait, Progress: os.Stderr,
+				cfg := bench.RunConfig{Workload: bench.Workload(*workload), Tier: tier, Size: *f.size, Publishers: c,
+					Duration: *f.duration, Rate: *rate, Backlog: *f.backlog, DrainWait: *f.drainWait, Progress: os.Stderr,
 					ProgressTag: fmt.Sprintf("%-8s %-7s %-10s c=%-3d", sys, tier, *workload, c)}
 				r, err := bench.Run(ctx, d, info, fmt.Sprintf("r%d%d", time.Now().UnixNano()%1e9, i), cfg)
 				if err != nil {
@@ -110,21 +98,69 @@ func run(args []string) error {
 	return nil
 }
 
-func driver(name, kiteqBin, natsBin, rabbitURL string) (bench.Driver, error) {
+// common is what both commands take: the runs' shape and the servers.
+type common struct {
+	conc, kiteqBin, natsBin, rabbitURL *string
+	size, backlog                      *int
+	duration, drainWait                *time.Duration
+}
+
+func addCommon(fs *flag.FlagSet, backlog int, drainWait time.Duration) *common {
+	return &common{
+		conc:      fs.String("c", "1,16,64", "comma-separated numbers of concurrent publishers"),
+		size:      fs.Int("size", 512, "message bytes"),
+		duration:  fs.Duration("duration", 5*time.Second, "each run's publishing window"),
+		backlog:   fs.Int("backlog", backlog, "messages of a drain run"),
+		drainWait: fs.Duration("drain-wait", drainWait, "how long deliveries may go on after a window"),
+		kiteqBin:  fs.String("kiteq-bin", "", "kiteq broker binary (empty: go build broker/cmd/kiteq)"),
+		natsBin:   fs.String("nats-server", "nats-server", "nats-server binary (make bench builds v2.15.2 into ./bin)"),
+		rabbitURL: fs.String("rabbitmq", "amqp://guest:guest@127.0.0.1:5672/", "the RabbitMQ server to measure (not started by the tool)"),
+	}
+}
+
+// parse parses args, and returns the numbers of publishers and a context
+// that SIGINT and SIGTERM cancel.
+func (c *common) parse(fs *flag.FlagSet, args []string) (context.Context, context.CancelFunc, []int, error) {
+	if err := fs.Parse(args); err != nil {
+		return nil, nil, nil, err
+	}
+	cs, err := c.publishers()
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	return ctx, cancel, cs, nil
+}
+
+func (c *common) publishers() ([]int, error) {
+	var cs []int
+	for _, f := range strings.Split(*c.conc, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil || n < 1 {
+			return nil, fmt.Errorf("-c %q: want positive numbers", *c.conc)
+		}
+		cs = append(cs, n)
+	}
+	return cs, nil
+}
+
+// driver returns a new driver of the system called name. Without
+// -kiteq-bin, the broker of this checkout is built, once.
+func (c *common) driver(name string) (bench.Driver, error) {
 	switch name {
 	case "kiteq":
-		if kiteqBin == "" {
+		if *c.kiteqBin == "" {
 			bin, err := buildKiteq()
 			if err != nil {
 				return nil, err
 			}
-			kiteqBin = bin
+			*c.kiteqBin = bin
 		}
-		return &bench.KiteQ{Bin: kiteqBin}, nil
+		return &bench.KiteQ{Bin: *c.kiteqBin}, nil
 	case "nats":
-		return &bench.NATS{Bin: natsBin}, nil
+		return &bench.NATS{Bin: *c.natsBin}, nil
 	case "rabbitmq":
-		return &bench.RabbitMQ{URL: rabbitURL}, nil
+		return &bench.RabbitMQ{URL: *c.rabbitURL}, nil
 	}
 	return nil, fmt.Errorf("unknown system %q (want kiteq, nats or rabbitmq)", name)
 }
@@ -157,31 +193,20 @@ func printTable(rs []*bench.Result) {
 // suite runs the standard suite and writes its report (make bench).
 func suite(args []string) error {
 	fs := flag.NewFlagSet("kiteq-bench suite", flag.ContinueOnError)
-	conc := fs.String("c", "1,16,64", "comma-separated numbers of concurrent publishers")
-	size := fs.Int("size", 512, "message bytes")
-	duration := fs.Duration("duration", 5*time.Second, "each run's publishing window")
-	backlog := fs.Int("backlog", 20000, "messages of the drain run")
-	drainWait := fs.Duration("drain-wait", 20*time.Second, "how long deliveries may go on after a window")
-	kiteqBin := fs.String("kiteq-bin", "", "kiteq broker binary (empty: go build broker/cmd/kiteq)")
-	natsBin := fs.String("nats-server", "nats-server", "nats-server binary")
-	rabbitURL := fs.String("rabbitmq", "amqp://guest:guest@127.0.0.1:5672/", "the RabbitMQ server to measure")
+	f := addCommon(fs, 20000, 20*time.Second)
 	natsCLI := fs.String("nats-cli", "", "the nats CLI (natscli v0.5.0) for the nats bench check; empty skips it")
 	checkMsgs := fs.Int("check-msgs", 100000, "messages per round of the nats bench check")
 	checkRounds := fs.Int("check-rounds", 3, "alternating rounds of the nats bench check")
 	out := fs.String("out", "docs/benchmarks.md", "the report")
 	dir := fs.String("dir", "docs/benchmarks", "where the JSON and the charts go")
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer cancel()
-	cs, err := parseCs(*conc)
+	ctx, cancel, cs, err := f.parse(fs, args)
 	if err != nil {
 		return err
 	}
+	defer cancel()
 	var ds []bench.Driver
 	for _, name := range []string{"kiteq", "nats", "rabbitmq"} {
-		d, err := driver(name, *kiteqBin, *natsBin, *rabbitURL)
+		d, err := f.driver(name)
 		if err != nil {
 			return err
 		}
@@ -189,9 +214,9 @@ func suite(args []string) error {
 	}
 	start := time.Now()
 	rs, err := bench.RunSuite(ctx, bench.SuiteConfig{
-		Drivers: ds, Tiers: bench.Tiers, Cs: cs, Size: *size, Duration: *duration, Backlog: *backlog,
-		DrainWait: *drainWait, Dir: *dir, Markdown: *out, Progress: os.Stderr, FsyncProbe: os.TempDir(),
-		NATSServer: *natsBin, NATSCLI: *natsCLI, CheckMsgs: *checkMsgs, CheckRounds: *checkRounds,
+		Drivers: ds, Tiers: bench.Tiers, Cs: cs, Size: *f.size, Duration: *f.duration, Backlog: *f.backlog,
+		DrainWait: *f.drainWait, Dir: *dir, Markdown: *out, Progress: os.Stderr, FsyncProbe: os.TempDir(),
+		NATSServer: *f.natsBin, NATSCLI: *natsCLI, CheckMsgs: *checkMsgs, CheckRounds: *checkRounds,
 		Command: "kiteq-bench suite " + strings.Join(args, " "),
 	})
 	printTable(rs)
@@ -200,16 +225,4 @@ func suite(args []string) error {
 	}
 	fmt.Fprintf(os.Stderr, "suite done in %v: %s, %s\n", time.Since(start).Round(time.Second), *out, *dir)
 	return nil
-}
-
-func parseCs(v string) ([]int, error) {
-	var cs []int
-	for _, f := range strings.Split(v, ",") {
-		n, err := strconv.Atoi(strings.TrimSpace(f))
-		if err != nil || n < 1 {
-			return nil, fmt.Errorf("-c %q: want positive numbers", v)
-		}
-		cs = append(cs, n)
-	}
-	return cs, nil
 }
