@@ -42,8 +42,10 @@ type engine struct {
 
 	scan scanState // scan.go
 
-	routes *router
-	wg     sync.WaitGroup // store calls and retries in progress
+	routes   *router
+	wg       sync.WaitGroup // store calls and retries in progress
+	workers  *workers       // run store calls (workers.go)
+	deadline storeDeadline  // of store calls
 }
 
 func newEngine(log *zap.Logger, store storage.Store, opts Options, stats *Stats) *engine {
@@ -51,7 +53,7 @@ func newEngine(log *zap.Logger, store storage.Store, opts Options, stats *Stats)
 		log: log, store: store, opts: opts, stats: stats, now: opts.clock().Now,
 		groups: make(map[string]*group), flights: make(map[string]*flight),
 		routes: newRouter(), timers: make(map[*engineTimer]struct{}), storeErrLog: make(map[string]storeErrLog),
-		scan: newScanState(),
+		scan: newScanState(), workers: newWorkers(workerIdle),
 	}
 }
 
@@ -303,9 +305,7 @@ func (e *engine) deliverStored(ctx context.Context, id string) error {
 // and the scanner passed it while the claim hid it.
 func (e *engine) dropClaim(id string) {
 	e.unclaim(id)
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	e.rewindTo(ctx, id)
+	e.rewindTo(e.deadline.get(), id)
 }
 
 // rewindTo moves the scanner's cursor back to the stored message id, for
@@ -458,17 +458,15 @@ func (e *engine) write(what string, w write, done func()) {
 // reading never waits for the store.
 func (e *engine) storeAsync(what string, fn func(ctx context.Context) error) {
 	e.wg.Add(1)
-	go func() {
+	e.workers.Go(func() {
 		defer e.wg.Done()
 		e.storeCall(what, fn)
-	}()
+	})
 }
 
 // storeCall runs fn with a time limit and counts and logs its failure.
 func (e *engine) storeCall(what string, fn func(ctx context.Context) error) {
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	if err := fn(ctx); err != nil {
+	if err := fn(e.deadline.get()); err != nil {
 		e.storeFailed(what, err)
 	}
 }
@@ -503,14 +501,14 @@ type storeErrLog struct {
 // in slot's order is done; its time limit starts then.
 func (e *engine) storeInOrder(what string, slot storeSlot, fn func(ctx context.Context) error) {
 	e.wg.Add(1)
-	go func() {
+	e.workers.Go(func() {
 		defer e.wg.Done()
 		defer close(slot.done)
 		if slot.prev != nil {
 			<-slot.prev
 		}
 		e.storeCall(what, fn)
-	}()
+	})
 }
 
 // stopper stops a pending call.
@@ -608,6 +606,8 @@ func (e *engine) stop() {
 	e.mu.Unlock()
 	e.stopScan()
 	e.wg.Wait()
+	e.workers.stop()
+	e.deadline.stop()
 }
 
 // expireQueued gives up the queued deliveries whose message expired.

@@ -62,6 +62,7 @@ func TestScanRewindDuringAPageIsKept(t *testing.T) {
 	o := DefaultOptions()
 	stats := &Stats{}
 	e := newEngine(zap.NewNop(), st, o, stats)
+	defer e.stop()
 	e.updateRoutes("trade", []*binding.Binding{binding.Bind_Direct("c", "trade", "t", 10, true)})
 	ctx := context.Background()
 	now := time.Now()
@@ -122,6 +123,7 @@ func TestScanBlockedLeavesPublishesToTheScanner(t *testing.T) {
 	defer mem.Close()
 	stats := &Stats{}
 	e := newEngine(zap.NewNop(), mem, DefaultOptions(), stats)
+	defer e.stop()
 	e.updateRoutes("trade", []*binding.Binding{binding.Bind_Direct("c", "trade", "t", 10, true)})
 	m := storedMessage(time.Now())
 	if _, err := mem.Save(context.Background(), m); err != nil {
@@ -154,6 +156,7 @@ func TestScanDuplicatePublishClaim(t *testing.T) {
 	defer mem.Close()
 	stats := &Stats{}
 	e := newEngine(zap.NewNop(), mem, DefaultOptions(), stats)
+	defer e.stop()
 	e.updateRoutes("trade", []*binding.Binding{binding.Bind_Direct("c", "trade", "t", 10, true)})
 	m := storedMessage(time.Now().Add(-time.Second)) // due: its retry came, say
 	if _, err := mem.Save(context.Background(), m); err != nil {
@@ -522,6 +525,7 @@ func TestFlyMessageTakesRoomWhileBlocked(t *testing.T) {
 	defer mem.Close()
 	stats := &Stats{}
 	e := newEngine(zap.NewNop(), mem, DefaultOptions(), stats)
+	defer e.stop()
 	e.updateRoutes("trade", []*binding.Binding{binding.Bind_Direct("c", "trade", "t", 10, false)})
 	e.mu.Lock()
 	e.blocked = true

@@ -252,6 +252,7 @@ func (s *Server) sweepLoop() {
 			return
 		case <-t.C:
 			now := s.engine.now()
+			s.engine.workers.trim(time.Now())
 			s.mu.Lock()
 			sessions := make([]*session, 0, len(s.sessions))
 			for sess := range s.sessions {
@@ -392,7 +393,7 @@ func (s *Server) publish(sess *session, p *protocol.Packet) error {
 	// which may read it as soon as it is stored, leaves it to this
 	// dispatch.
 	claimed := m.Committed && s.engine.claim(m.ID())
-	go func() {
+	s.engine.workers.Go(func() {
 		defer func() {
 			if saved != nil {
 				sess.endSave(m.ID(), saved)
@@ -400,9 +401,8 @@ func (s *Server) publish(sess *session, p *protocol.Packet) error {
 			<-sess.pubSlots
 			s.pendingBytes.Add(-size)
 		}()
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		ctx := s.engine.deadline.get()
 		stored, err := s.store.Save(ctx, m)
-		cancel()
 		if err != nil {
 			if claimed {
 				s.engine.unclaim(m.ID())
@@ -429,11 +429,9 @@ func (s *Server) publish(sess *session, p *protocol.Packet) error {
 		case m.Committed:
 			// A flight of an earlier copy of this id held the claim, and
 			// ended meanwhile: its end must not hide this one.
-			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			s.engine.deliverStored(ctx, m.ID())
-			cancel()
 		}
-	}()
+	})
 	return nil
 }
 

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -336,6 +337,7 @@ func (cn *conn) writeLoop() {
 		case <-cn.closed:
 			return
 		}
+		cn.gather()
 		cn.wmu.Lock()
 		buf := cn.wbuf
 		cn.wbuf = spare[:0]
@@ -352,6 +354,29 @@ func (cn *conn) writeLoop() {
 		spare = buf
 	}
 }
+
+// gather lets the goroutines about to queue packets run first, while the
+// write buffer keeps growing (a few rounds at most), so that under load one
+// write carries many packets. When nothing else is runnable, Gosched
+// returns at once and an idle connection waits for nothing.
+func (cn *conn) gather() {
+	cn.wmu.Lock()
+	n := len(cn.wbuf)
+	cn.wmu.Unlock()
+	for range maxGatherRounds {
+		runtime.Gosched()
+		cn.wmu.Lock()
+		m := len(cn.wbuf)
+		cn.wmu.Unlock()
+		if m == n {
+			return
+		}
+		n = m
+	}
+}
+
+// maxGatherRounds bounds how long gather waits for more packets.
+const maxGatherRounds = 4
 
 // writeMsg queues one packet. It fails with errConnClosed once the
 // connection is closed, or with ErrInvalidMessage when msg cannot be

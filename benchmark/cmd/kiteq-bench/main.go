@@ -13,6 +13,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 	"syscall"
@@ -41,11 +42,23 @@ func run(args []string) error {
 	connPer := fs.Bool("conn-per-publisher", false, "a connection per publisher (as nats bench does), not one shared by all")
 	kiteqFlags := fs.String("kiteq-flags", "", "more flags for the kiteq broker, space-separated (e.g. -pport=13801 to profile it)")
 	out := fs.String("json", "", "write the results to this JSON file")
+	cpuProfile := fs.String("cpuprofile", "", "write kiteq-bench's own CPU profile (the clients' side) to this file")
 	ctx, cancel, cs, err := f.parse(fs, args)
 	if err != nil {
 		return err
 	}
 	defer cancel()
+	if *cpuProfile != "" {
+		pf, err := os.Create(*cpuProfile)
+		if err != nil {
+			return err
+		}
+		defer pf.Close()
+		if err := pprof.StartCPUProfile(pf); err != nil {
+			return err
+		}
+		defer pprof.StopCPUProfile()
+	}
 	var results []*bench.Result
 	for _, sys := range strings.Split(*systems, ",") {
 		for _, ts := range strings.Split(*tiers, ",") {
