@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -115,16 +116,20 @@ func (e *engine) dispatch(m *storage.Message, fly, fromScan bool) error {
 		e.mu.Unlock()
 		return nil
 	}
-	f := &flight{e: e, msg: m, fly: fly, size: size, low: m.NextDeliverTime, groups: make(map[string]*groupState, len(matches))}
+	f := &flight{e: e, msg: m, fly: fly, size: size, low: m.NextDeliverTime, groups: make([]*groupState, 0, len(matches))}
 	var offers []*delivery
 	var retries []*groupState
 	for _, mt := range matches {
 		if done[mt.group] {
 			continue
 		}
-		d := &delivery{f: f, g: e.groupLocked(mt.group), persistent: mt.persistent}
-		gs := &groupState{d: d, attempts: counts[mt.group]}
-		f.groups[mt.group] = gs
+		gd := &groupDelivery{
+			groupState: groupState{attempts: counts[mt.group]},
+			delivery:   delivery{f: f, g: e.groupLocked(mt.group), persistent: mt.persistent},
+		}
+		gs, d := &gd.groupState, &gd.delivery
+		gs.d = d
+		f.groups = append(f.groups, gs)
 		switch at, failed := due[mt.group]; {
 		case limit > 0 && gs.attempts >= limit:
 			gs.result = resultGaveUp
@@ -139,6 +144,7 @@ func (e *engine) dispatch(m *storage.Message, fly, fromScan bool) error {
 		}
 		f.pending++
 	}
+	slices.SortFunc(f.groups, func(a, b *groupState) int { return strings.Compare(a.d.g.name, b.d.g.name) })
 	if len(f.groups) > 0 {
 		// While the scanner catches up it takes the room below 3/4 of the
 		// limit, in due order; a fly message, which the scanner cannot

@@ -32,7 +32,7 @@ type flight struct {
 	size int64            // bytes counted against Options.MaxDeliveryBytes
 
 	mu      sync.Mutex
-	groups  map[string]*groupState
+	groups  []*groupState // one for each matching group, by group name
 	pending int  // groups that have not finished
 	ended   bool // finished or parked: the flight changes no more
 	// low is the earliest time the message has been stored at since it
@@ -56,6 +56,24 @@ func (f *flight) slotLocked() storeSlot {
 	s := storeSlot{prev: f.stored, done: make(chan struct{})}
 	f.stored = s.done
 	return s
+}
+
+// state returns the state of the group called name, or nil. A message
+// goes to a few groups: a scan is quicker than a map, and a map for each
+// message was a tenth of what the broker allocates.
+func (f *flight) state(name string) *groupState {
+	for _, gs := range f.groups {
+		if gs.d.g.name == name {
+			return gs
+		}
+	}
+	return nil
+}
+
+// groupDelivery allocates a group's state and its delivery together.
+type groupDelivery struct {
+	groupState
+	delivery
 }
 
 type groupState struct {
@@ -98,7 +116,7 @@ func (f *flight) groupResult(d *delivery, r deliveryResult, reason string) {
 	e, g := f.e, d.g
 	now := e.now()
 	f.mu.Lock()
-	gs := f.groups[g.name]
+	gs := f.state(g.name)
 	if f.ended || gs == nil || gs.result.finished() || (r == resultWaiting && gs.result != resultPending) {
 		f.mu.Unlock()
 		return
@@ -227,7 +245,7 @@ func (f *flight) retryDue(d *delivery) {
 		return
 	}
 	f.mu.Lock()
-	gs := f.groups[d.g.name]
+	gs := f.state(d.g.name)
 	if f.ended || gs.result != resultFailed {
 		f.mu.Unlock()
 		return
@@ -250,7 +268,7 @@ func (f *flight) offer(d *delivery) {
 // offerWaiting offers the message again to g if g waits for it.
 func (f *flight) offerWaiting(g *group) {
 	f.mu.Lock()
-	gs := f.groups[g.name]
+	gs := f.state(g.name)
 	if f.ended || gs == nil || gs.result != resultWaiting {
 		f.mu.Unlock()
 		return
@@ -305,13 +323,8 @@ func (f *flight) parkLocked(now time.Time) write {
 // delivery limit is known by its count when the message is read again).
 func (f *flight) resultLocked(next time.Time) *storage.DeliveryResult {
 	r := &storage.DeliveryResult{MessageID: f.msg.ID(), NextDeliverTime: next}
-	names := make([]string, 0, len(f.groups))
-	for name := range f.groups {
-		names = append(names, name)
-	}
-	sort.Strings(names)
-	for _, name := range names {
-		gs := f.groups[name]
+	for _, gs := range f.groups { // by name
+		name := gs.d.g.name
 		r.DeliverCount = max(r.DeliverCount, gs.attempts)
 		switch {
 		case gs.result == resultAcked || gs.result == resultSkipped:
@@ -354,9 +367,9 @@ func (f *flight) endLocked(now time.Time) (deadReason string, final *storage.Del
 // "" when every group acknowledged it.
 func (f *flight) deadReasonLocked() string {
 	var reasons []string
-	for name, gs := range f.groups {
+	for _, gs := range f.groups {
 		if gs.result == resultGaveUp {
-			reasons = append(reasons, name+": "+gs.reason)
+			reasons = append(reasons, gs.d.g.name+": "+gs.reason)
 		}
 	}
 	sort.Strings(reasons)
