@@ -393,6 +393,7 @@ func (s *Server) publish(sess *session, p *protocol.Packet) error {
 	// which may read it as soon as it is stored, leaves it to this
 	// dispatch.
 	claimed := m.Committed && s.engine.claim(m.ID())
+	opaque := p.Opaque // p is the reader's, reused by its next read
 	s.engine.workers.Go(func() {
 		defer func() {
 			if saved != nil {
@@ -407,12 +408,12 @@ func (s *Server) publish(sess *session, p *protocol.Packet) error {
 			if claimed {
 				s.engine.unclaim(m.ID())
 			}
-			s.storeAck(sess, p.Opaque, m.ID(), false, "store: "+err.Error())
+			s.storeAck(sess, opaque, m.ID(), false, "store: "+err.Error())
 			return
 		}
 		if !stored {
 			s.stats.Duplicates.Add(1)
-			s.storeAck(sess, p.Opaque, m.ID(), true, "duplicate: already stored")
+			s.storeAck(sess, opaque, m.ID(), true, "duplicate: already stored")
 			if claimed {
 				s.engine.dropClaim(m.ID())
 			}
@@ -422,7 +423,7 @@ func (s *Server) publish(sess *session, p *protocol.Packet) error {
 		if !m.Committed {
 			s.txcheck.sent(m.ID(), sess)
 		}
-		s.storeAck(sess, p.Opaque, m.ID(), true, "stored")
+		s.storeAck(sess, opaque, m.ID(), true, "stored")
 		switch {
 		case claimed:
 			s.engine.dispatch(m, false, false) // errNoRoom: it waits in the store

@@ -133,7 +133,9 @@ func (s *session) readLoop() error {
 		if s.srv.stopping.Load() {
 			return errServerStopping
 		}
-		p, err := r.ReadPacket()
+		// Each packet is decoded before the next is read: its memory is
+		// reused.
+		p, err := r.ReadReused()
 		if err != nil {
 			return s.readError(err, "")
 		}

@@ -69,6 +69,8 @@ type Reader struct {
 	r       *bufio.Reader
 	maxBody int
 	hdr     [HeaderLen]byte
+
+	reused Packet // ReadReused's packet, and its body's memory
 }
 
 // NewReader returns a Reader that accepts bodies up to maxBody bytes
@@ -88,37 +90,81 @@ func NewReader(r io.Reader, maxBody int) *Reader {
 // stream between packets; anything else that breaks the framing is a
 // *FrameError, and I/O errors are returned as they are.
 func (r *Reader) ReadPacket() (*Packet, error) {
-	n, err := io.ReadFull(r.r, r.hdr[:])
-	if err != nil {
-		if err == io.EOF {
-			return nil, io.EOF
-		}
-		if err == io.ErrUnexpectedEOF {
-			return nil, &FrameError{Err: ErrShortHeader, Length: int64(n)}
-		}
-		return nil, err
-	}
-	p, length, err := ParseHeader(r.hdr[:], r.maxBody)
-	if err != nil {
-		return nil, err
-	}
-	p.Body = make([]byte, length)
-	if m, err := io.ReadFull(r.r, p.Body); err != nil {
-		if err == io.EOF || err == io.ErrUnexpectedEOF {
-			return nil, &FrameError{Err: ErrShortBody, Cmd: p.Cmd, Opaque: p.Opaque, Length: int64(length), Read: int64(m)}
-		}
+	p := new(Packet)
+	if err := r.read(p, nil); err != nil {
 		return nil, err
 	}
 	return p, nil
 }
 
+// maxReusedBody bounds the body memory ReadReused keeps between packets.
+const maxReusedBody = 64 << 10
+
+// ReadReused reads the next packet as ReadPacket does, into a packet and
+// body memory that the Reader reuses: they are valid until the next read.
+// A reader that is done with each packet before it reads the next (it
+// decodes the body, which copies what it keeps) saves two allocations a
+// packet.
+func (r *Reader) ReadReused() (*Packet, error) {
+	p := &r.reused
+	buf := p.Body[:0]
+	if cap(buf) > maxReusedBody {
+		buf = nil
+	}
+	*p = Packet{}
+	if err := r.read(p, buf); err != nil {
+		p.Body = buf
+		return nil, err
+	}
+	return p, nil
+}
+
+// read reads the next packet into p, its body into buf when it fits.
+func (r *Reader) read(p *Packet, buf []byte) error {
+	n, err := io.ReadFull(r.r, r.hdr[:])
+	if err != nil {
+		if err == io.EOF {
+			return io.EOF
+		}
+		if err == io.ErrUnexpectedEOF {
+			return &FrameError{Err: ErrShortHeader, Length: int64(n)}
+		}
+		return err
+	}
+	length, err := parseHeader(p, r.hdr[:], r.maxBody)
+	if err != nil {
+		return err
+	}
+	if cap(buf) >= length {
+		p.Body = buf[:length]
+	} else {
+		p.Body = make([]byte, length)
+	}
+	if m, err := io.ReadFull(r.r, p.Body); err != nil {
+		if err == io.EOF || err == io.ErrUnexpectedEOF {
+			return &FrameError{Err: ErrShortBody, Cmd: p.Cmd, Opaque: p.Opaque, Length: int64(length), Read: int64(m)}
+		}
+		return err
+	}
+	return nil
+}
+
 // ParseHeader decodes a 19-byte header and checks it against maxBody. It
 // returns the packet without its body and the body length that follows.
 func ParseHeader(b []byte, maxBody int) (*Packet, int, error) {
-	if len(b) < HeaderLen {
-		return nil, 0, &FrameError{Err: ErrShortHeader, Length: int64(len(b))}
+	p := new(Packet)
+	length, err := parseHeader(p, b, maxBody)
+	if err != nil {
+		return nil, 0, err
 	}
-	p := &Packet{
+	return p, length, nil
+}
+
+func parseHeader(p *Packet, b []byte, maxBody int) (int, error) {
+	if len(b) < HeaderLen {
+		return 0, &FrameError{Err: ErrShortHeader, Length: int64(len(b))}
+	}
+	*p = Packet{
 		Opaque:    binary.BigEndian.Uint32(b[0:4]),
 		Cmd:       CmdType(b[4]),
 		Version:   int16(binary.BigEndian.Uint16(b[5:7])),
@@ -127,13 +173,13 @@ func ParseHeader(b []byte, maxBody int) (*Packet, int, error) {
 	length := int32(binary.BigEndian.Uint32(b[15:19]))
 	switch {
 	case !p.Cmd.Known():
-		return nil, 0, &FrameError{Err: ErrUnknownCommand, Cmd: p.Cmd, Opaque: p.Opaque, Length: int64(length)}
+		return 0, &FrameError{Err: ErrUnknownCommand, Cmd: p.Cmd, Opaque: p.Opaque, Length: int64(length)}
 	case length < 0:
-		return nil, 0, &FrameError{Err: ErrNegativeLength, Cmd: p.Cmd, Opaque: p.Opaque, Length: int64(length)}
+		return 0, &FrameError{Err: ErrNegativeLength, Cmd: p.Cmd, Opaque: p.Opaque, Length: int64(length)}
 	case int(length) > maxBody:
-		return nil, 0, &FrameError{Err: ErrBodyTooLarge, Cmd: p.Cmd, Opaque: p.Opaque, Length: int64(length)}
+		return 0, &FrameError{Err: ErrBodyTooLarge, Cmd: p.Cmd, Opaque: p.Opaque, Length: int64(length)}
 	}
-	return p, int(length), nil
+	return int(length), nil
 }
 
 // AppendPacket appends the encoded packet to dst and returns the result.

@@ -101,7 +101,11 @@ func TestBackToBackPackets(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			r := NewReader(mk(stream), 0)
 			for i, w := range want {
-				got, err := r.ReadPacket()
+				read := r.ReadPacket
+				if i%3 == 1 {
+					read = r.ReadReused // the same framing, either way
+				}
+				got, err := read()
 				if err != nil {
 					t.Fatalf("packet %d: %v", i, err)
 				}
@@ -152,7 +156,55 @@ func frameErr(t *testing.T, data []byte, maxBody int) *FrameError {
 	if !errors.As(err, &fe) {
 		t.Fatalf("ReadPacket error %v (%T), want *FrameError", err, err)
 	}
+	// ReadReused fails the same way, also with body memory from before.
+	r := NewReader(io.MultiReader(bytes.NewReader(mustPacket(t, 1, CmdHeartbeat, &HeartBeat{Version: proto.Int64(1)}).Encode()),
+		bytes.NewReader(data)), maxBody)
+	if _, err := r.ReadReused(); err != nil {
+		t.Fatal(err)
+	}
+	p, err2 := r.ReadReused()
+	if p != nil || err2 == nil || err2.Error() != err.Error() {
+		t.Fatalf("ReadReused = (%+v, %v), want the error of ReadPacket: %v", p, err2, err)
+	}
 	return fe
+}
+
+// ReadReused hands out one packet and one body's memory again and again,
+// and does not keep a large body's.
+func TestReadReusedReusesMemory(t *testing.T) {
+	small := []byte(strings.Repeat("a", 600))
+	large := []byte(strings.Repeat("b", maxReusedBody+1))
+	var stream []byte
+	for i, body := range [][]byte{small, small[:100], large, small} {
+		stream = AppendPacket(stream, &Packet{Opaque: uint32(i + 1), Cmd: CmdBytesMessage, Body: body})
+	}
+	r := NewReader(bytes.NewReader(stream), 0)
+	var first *Packet
+	var firstBody *byte
+	for i, want := range [][]byte{small, small[:100], large, small} {
+		p, err := r.ReadReused()
+		if err != nil {
+			t.Fatalf("packet %d: %v", i, err)
+		}
+		if p.Opaque != uint32(i+1) || !bytes.Equal(p.Body, want) {
+			t.Fatalf("packet %d: opaque %d, %d body bytes, want opaque %d, %d bytes", i, p.Opaque, len(p.Body), i+1, len(want))
+		}
+		switch i {
+		case 0:
+			first, firstBody = p, &p.Body[0]
+		case 1:
+			if p != first || &p.Body[0] != firstBody {
+				t.Fatal("the second packet did not reuse the first's packet and body memory")
+			}
+		case 3:
+			if &p.Body[0] == firstBody || cap(p.Body) > maxReusedBody {
+				t.Fatalf("after a %d-byte body, the next one reused memory of %d bytes", len(large), cap(p.Body))
+			}
+		}
+	}
+	if _, err := r.ReadReused(); err != io.EOF {
+		t.Fatalf("at end: %v, want io.EOF", err)
+	}
 }
 
 func TestReadPacketFrameErrors(t *testing.T) {
