@@ -398,6 +398,24 @@ func (s *Store) run() {
 	}
 }
 
+// gatherBriefly yields to the goroutines that can run while the batch
+// grows, a few rounds at most.
+func (s *Store) gatherBriefly() {
+	s.mu.Lock()
+	n := s.batch.n
+	s.mu.Unlock()
+	for range 4 {
+		runtime.Gosched()
+		s.mu.Lock()
+		m := s.batch.n
+		s.mu.Unlock()
+		if m == n {
+			return
+		}
+		n = m
+	}
+}
+
 // gather lets the next batch fill before it is written. The callers that
 // the last write released are about to queue their next records; writing
 // before they have would split them into two batches and two fsyncs. So
@@ -408,10 +426,15 @@ func (s *Store) run() {
 // has to be woken by the last caller, which costs about as long as the
 // callers take to queue their records. When none has come for
 // gatherSpin, it sleeps until the batch is full or the time is up.
-// Only with fsync=always: with the other policies a write costs no fsync
-// and the callers do not wait for one, so waiting would only delay them.
+// With the other policies a write costs no fsync and the callers do not
+// wait for one: the writer only yields a few times while the batch grows,
+// which saves write calls under load and delays nobody when idle.
 func (s *Store) gather() {
-	if s.lastBatch <= 1 || s.opts.Sync != SyncAlways {
+	if s.opts.Sync != SyncAlways {
+		s.gatherBriefly()
+		return
+	}
+	if s.lastBatch <= 1 {
 		return
 	}
 	s.mu.Lock()
