@@ -2,8 +2,10 @@ package bench
 
 import (
 	"fmt"
+	"math"
 	"path/filepath"
 	"slices"
+	"strconv"
 
 	"gonum.org/v1/plot"
 	"gonum.org/v1/plot/plotter"
@@ -44,49 +46,53 @@ func ThroughputChart(dir string, tier Tier, rs []*Result) (string, error) {
 	return name, p.Save(16*vg.Centimeter, 10*vg.Centimeter, filepath.Join(dir, name))
 }
 
-// LatencyChart draws end-to-end p50, p99 and p99.9 of the latency runs,
-// grouped by tier and system.
-func LatencyChart(dir string, rs []*Result) (string, error) {
-	var runs []*Result
+// LatencyChart draws, for the latency runs of tier, end-to-end p50, p99,
+// p99.9 and max on a log scale: a line for each run, labelled with its
+// system and offered rate.
+func LatencyChart(dir string, tier Tier, rs []*Result) (string, error) {
+	var lines []any
 	for _, r := range rs {
-		if r.Workload == Latency {
-			runs = append(runs, r)
+		if r.Workload != Latency || r.Tier != tier {
+			continue
 		}
+		q := r.EndToEnd
+		xy := plotter.XYs{{X: 1, Y: q.P50 / 1000}, {X: 2, Y: q.P99 / 1000}, {X: 3, Y: q.P999 / 1000}, {X: 4, Y: q.Max / 1000}}
+		for i := range xy {
+			xy[i].Y = max(xy[i].Y, 0.001) // a log scale has no 0
+		}
+		lines = append(lines, fmt.Sprintf("%s at %.0f/s", r.System, r.Rate), xy)
 	}
-	if len(runs) == 0 {
+	if len(lines) == 0 {
 		return "", nil
 	}
 	p := plot.New()
-	p.Title.Text = "End-to-end latency at 50% of each system's maximum rate"
+	p.Title.Text = fmt.Sprintf("End-to-end latency, %s tier (open loop)", tier)
 	p.Y.Label.Text = "milliseconds"
-	var labels []string
-	for _, r := range runs {
-		labels = append(labels, fmt.Sprintf("%s\n%s", r.System, r.Tier))
-	}
-	w := vg.Points(10)
-	for i, q := range []struct {
-		name string
-		get  func(Quantiles) float64
-	}{{"p50", func(q Quantiles) float64 { return q.P50 }}, {"p99", func(q Quantiles) float64 { return q.P99 }},
-		{"p99.9", func(q Quantiles) float64 { return q.P999 }}} {
-		var vs plotter.Values
-		for _, r := range runs {
-			vs = append(vs, q.get(r.EndToEnd)/1000)
-		}
-		bars, err := plotter.NewBarChart(vs, w)
-		if err != nil {
-			return "", err
-		}
-		bars.Color = plotutil.Color(i)
-		bars.LineStyle.Width = 0
-		bars.Offset = w * vg.Length(i-1)
-		p.Add(bars)
-		p.Legend.Add(q.name, bars)
+	p.Y.Scale = plot.LogScale{}
+	p.Y.Tick.Marker = plot.TickerFunc(oneTwoFive)
+	p.X.Min, p.X.Max = 0.7, 4.3
+	p.X.Tick.Marker = plot.ConstantTicks([]plot.Tick{{Value: 1, Label: "p50"}, {Value: 2, Label: "p99"}, {Value: 3, Label: "p99.9"}, {Value: 4, Label: "max"}})
+	if err := plotutil.AddLinePoints(p, lines...); err != nil {
+		return "", err
 	}
 	p.Legend.Top = true
-	p.NominalX(labels...)
-	name := "latency.png"
-	return name, p.Save(vg.Length(max(16, 2.2*float64(len(runs))))*vg.Centimeter, 10*vg.Centimeter, filepath.Join(dir, name))
+	p.Legend.Left = true
+	name := fmt.Sprintf("latency-%s.png", tier)
+	return name, p.Save(16*vg.Centimeter, 10*vg.Centimeter, filepath.Join(dir, name))
+}
+
+// oneTwoFive labels 1, 2 and 5 times each power of ten between min and
+// max, for a log scale.
+func oneTwoFive(min, max float64) []plot.Tick {
+	var ticks []plot.Tick
+	for e := math.Floor(math.Log10(min)); e <= math.Ceil(math.Log10(max)); e++ {
+		for _, m := range []float64{1, 2, 5} {
+			if v := m * math.Pow(10, e); v >= min && v <= max {
+				ticks = append(ticks, plot.Tick{Value: v, Label: strconv.FormatFloat(v, 'g', -1, 64)})
+			}
+		}
+	}
+	return ticks
 }
 
 func systemsOf(rs []*Result) []string {

@@ -2,8 +2,12 @@ package bench
 
 import (
 	"context"
+	"fmt"
+	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -38,14 +42,49 @@ func runShort(t *testing.T, d Driver, tier Tier) {
 	}
 }
 
+// binDir holds the servers the tests build, once each.
+var binDir string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "kiteq-bench-test-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	binDir = dir
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+var builds sync.Map // package path: func() (string, error)
+
+// build builds the main package pkg into binDir, once.
+func build(t *testing.T, pkg string) string {
+	t.Helper()
+	once, _ := builds.LoadOrStore(pkg, sync.OnceValues(func() (string, error) {
+		bin := filepath.Join(binDir, filepath.Base(strings.TrimSuffix(pkg, "/v2")))
+		if out, err := exec.Command("go", "build", "-o", bin, pkg).CombinedOutput(); err != nil {
+			return "", fmt.Errorf("build %s: %v\n%s", pkg, err, out)
+		}
+		return bin, nil
+	}))
+	bin, err := once.(func() (string, error))()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return bin
+}
+
+// kiteqBin is the broker of this checkout; natsBin is nats-server of the
+// version this module requires (the tool line of go.mod).
+func kiteqBin(t *testing.T) string { return build(t, "github.com/kiteq/kiteq/broker/cmd/kiteq") }
+func natsBin(t *testing.T) string  { return build(t, "github.com/nats-io/nats-server/v2") }
+
 // The KiteQ driver against a broker built from this checkout, on the
 // file store with fsync=always.
 func TestKiteQDriver(t *testing.T) {
-	bin := filepath.Join(t.TempDir(), "kiteq")
-	if out, err := exec.Command("go", "build", "-o", bin, "github.com/kiteq/kiteq/broker/cmd/kiteq").CombinedOutput(); err != nil {
-		t.Fatalf("build kiteq: %v\n%s", err, out)
-	}
-	runShort(t, &KiteQ{Bin: bin}, TierSynced)
+	runShort(t, &KiteQ{Bin: kiteqBin(t)}, TierSynced)
 }
 
 // The RabbitMQ driver against the server every machine runs on
@@ -61,9 +100,5 @@ func TestRabbitMQDriver(t *testing.T) {
 // The NATS driver against nats-server built from the version this module
 // requires (the tool line of go.mod), with sync_interval always.
 func TestNATSDriver(t *testing.T) {
-	bin := filepath.Join(t.TempDir(), "nats-server")
-	if out, err := exec.Command("go", "build", "-o", bin, "github.com/nats-io/nats-server/v2").CombinedOutput(); err != nil {
-		t.Fatalf("build nats-server: %v\n%s", err, out)
-	}
-	runShort(t, &NATS{Bin: bin}, TierMemory)
+	runShort(t, &NATS{Bin: natsBin(t)}, TierMemory)
 }

@@ -1,6 +1,7 @@
 package bench
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -23,6 +24,7 @@ type SuiteConfig struct {
 	Cs         []int
 	Size       int
 	Duration   time.Duration // each throughput, latency and tx run
+	Rounds     int           // throughput runs of each system, tier and C; the report takes their median
 	Backlog    int           // the drain's
 	DrainWait  time.Duration
 	Dir        string // where the JSON and the charts go
@@ -48,31 +50,144 @@ func RunSuite(ctx context.Context, cfg SuiteConfig) ([]*Result, error) {
 		}
 		check = &natsCheck{Results: got, Server: info, Msgs: cfg.CheckMsgs, Rounds: cfg.CheckRounds}
 	}
-	for _, tier := range cfg.Tiers {
-		for _, d := range cfg.Drivers {
-			info, err := d.Start(ctx, tier)
-			if errors.Is(err, ErrTierUnsupported) {
-				continue
+	// Round after round, each system in each tier runs every C, so that
+	// a noisy spell of the machine touches every system alike; the last
+	// round also runs the other workloads, at rates from the medians.
+	rounds := max(cfg.Rounds, 1)
+	for round := 1; round <= rounds; round++ {
+		for _, tier := range cfg.Tiers {
+			for _, d := range cfg.Drivers {
+				got, err := onServer(ctx, d, tier, func(info ServerInfo) ([]*Result, error) {
+					return runSystem(ctx, d, info, tier, cfg, round, rs)
+				})
+				rs = append(rs, got...)
+				if err != nil {
+					return rs, err
+				}
 			}
-			if err != nil {
-				return rs, fmt.Errorf("%s %s: %w", d.Name(), tier, err)
-			}
-			got, err := runSystem(ctx, d, info, tier, cfg)
-			rs = append(rs, got...)
-			d.Stop()
-			if err != nil {
-				return rs, fmt.Errorf("%s %s: %w", d.Name(), tier, err)
+			if round == rounds {
+				got, err := commonRate(ctx, cfg, tier, rs)
+				rs = append(rs, got...)
+				if err != nil {
+					return rs, err
+				}
 			}
 		}
 	}
 	if err := os.MkdirAll(cfg.Dir, 0o755); err != nil {
 		return rs, err
 	}
-	profiles, err := profileBehind(ctx, cfg, rs)
+	profiles, err := profileBehind(ctx, cfg, Medians(rs))
 	if err != nil {
 		return rs, fmt.Errorf("profile KiteQ where it is behind: %w", err)
 	}
 	return rs, writeReport(cfg, rs, check, profiles)
+}
+
+// onServer starts d's server of tier, runs fn, and stops it. A system
+// without the tier runs nothing.
+func onServer(ctx context.Context, d Driver, tier Tier, fn func(ServerInfo) ([]*Result, error)) ([]*Result, error) {
+	info, err := d.Start(ctx, tier)
+	if errors.Is(err, ErrTierUnsupported) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("%s %s: %w", d.Name(), tier, err)
+	}
+	got, err := fn(info)
+	d.Stop()
+	if err != nil {
+		return got, fmt.Errorf("%s %s: %w", d.Name(), tier, err)
+	}
+	return got, nil
+}
+
+// commonRate runs, for each system of tier whose latency run offered more
+// than the lowest rate offered in the tier, a latency run at that lowest
+// rate: each system's p99 at half its own best rate says how it does at
+// its own moderate load, this one compares them at the same load.
+func commonRate(ctx context.Context, cfg SuiteConfig, tier Tier, rs []*Result) ([]*Result, error) {
+	common := 0.0
+	for _, r := range rs {
+		if r.Workload == Latency && r.Tier == tier && !r.CommonRate && (common == 0 || r.Rate < common) {
+			common = r.Rate
+		}
+	}
+	var out []*Result
+	for _, d := range cfg.Drivers {
+		own := find(rs, d.Name(), tier, Latency, 0)
+		if own == nil || own.Rate <= common*1.05 {
+			continue
+		}
+		got, err := onServer(ctx, d, tier, func(info ServerInfo) ([]*Result, error) {
+			r, err := Run(ctx, d, info, fmt.Sprintf("%scommon%d", tier, time.Now().UnixNano()%1e6), RunConfig{
+				Workload: Latency, Tier: tier, Size: cfg.Size, Publishers: own.Publishers, Duration: cfg.Duration,
+				Rate: common, CommonRate: true, DrainWait: cfg.DrainWait, Progress: cfg.Progress,
+				ProgressTag: fmt.Sprintf("%-8s %-7s %-10s c=%-3d", d.Name(), tier, "latency", own.Publishers),
+			})
+			if r == nil {
+				return nil, err
+			}
+			return []*Result{r}, err
+		})
+		out = append(out, got...)
+		if err != nil {
+			return out, err
+		}
+	}
+	return out, nil
+}
+
+// Medians keeps, of the throughput runs of each system, tier and C, the
+// one with the median confirmed rate (the lower middle one of an even
+// number), where the first of them ran, and every run of the other
+// workloads.
+func Medians(rs []*Result) []*Result {
+	type key struct {
+		system string
+		tier   Tier
+		c      int
+	}
+	runs := map[key][]*Result{}
+	for _, r := range rs {
+		if r.Workload == Throughput {
+			k := key{r.System, r.Tier, r.Publishers}
+			runs[k] = append(runs[k], r)
+		}
+	}
+	var out []*Result
+	for _, r := range rs {
+		if r.Workload != Throughput {
+			out = append(out, r)
+			continue
+		}
+		k := key{r.System, r.Tier, r.Publishers}
+		if runs[k][0] == r {
+			out = append(out, medianRun(runs[k]))
+		}
+	}
+	return out
+}
+
+func medianRun(rs []*Result) *Result {
+	sorted := slices.Clone(rs)
+	slices.SortStableFunc(sorted, func(a, b *Result) int { return cmp.Compare(a.PublishedRate, b.PublishedRate) })
+	return sorted[(len(sorted)-1)/2]
+}
+
+// rateRange is the lowest and highest confirmed rate of the throughput
+// runs like r.
+func rateRange(rs []*Result, r *Result) (lo, hi float64, n int) {
+	for _, o := range rs {
+		if o.Workload == Throughput && o.System == r.System && o.Tier == r.Tier && o.Publishers == r.Publishers {
+			if n == 0 || o.PublishedRate < lo {
+				lo = o.PublishedRate
+			}
+			hi = max(hi, o.PublishedRate)
+			n++
+		}
+	}
+	return lo, hi, n
 }
 
 // natsCheck is the nats bench check for the report.
@@ -83,26 +198,38 @@ type natsCheck struct {
 	Rounds  int               `json:"rounds"`
 }
 
-func runSystem(ctx context.Context, d Driver, info ServerInfo, tier Tier, cfg SuiteConfig) ([]*Result, error) {
+// runSystem runs the throughput of one round on d's server of tier; in
+// the last round also the latency, at half the best of the median rates
+// (earlier rounds' runs are in before), the drain and KiteQ's transactions.
+func runSystem(ctx context.Context, d Driver, info ServerInfo, tier Tier, cfg SuiteConfig, round int, before []*Result) ([]*Result, error) {
 	var rs []*Result
 	n := 0
 	run := func(c RunConfig) (*Result, error) {
 		n++
-		c.Tier, c.Size, c.DrainWait, c.Progress = tier, cfg.Size, cfg.DrainWait, cfg.Progress
+		c.Tier, c.Size, c.DrainWait, c.Progress, c.Round = tier, cfg.Size, cfg.DrainWait, cfg.Progress, round
 		c.ProgressTag = fmt.Sprintf("%-8s %-7s %-10s c=%-3d", d.Name(), tier, c.Workload, c.Publishers)
+		if cfg.Rounds > 1 && c.Workload == Throughput {
+			c.ProgressTag = fmt.Sprintf("%s round %d/%d", c.ProgressTag, round, cfg.Rounds)
+		}
 		r, err := Run(ctx, d, info, fmt.Sprintf("%s%d%d", tier, n, time.Now().UnixNano()%1e6), c)
 		if r != nil {
 			rs = append(rs, r)
 		}
 		return r, err
 	}
-	best := 0.0
 	for _, c := range cfg.Cs {
-		r, err := run(RunConfig{Workload: Throughput, Publishers: c, Duration: cfg.Duration})
-		if err != nil {
+		if _, err := run(RunConfig{Workload: Throughput, Publishers: c, Duration: cfg.Duration}); err != nil {
 			return rs, err
 		}
-		best = max(best, r.PublishedRate)
+	}
+	if round < max(cfg.Rounds, 1) {
+		return rs, nil
+	}
+	best := 0.0
+	for _, r := range Medians(append(slices.Clone(before), rs...)) {
+		if r.System == d.Name() && r.Tier == tier && r.Workload == Throughput {
+			best = max(best, r.PublishedRate)
+		}
 	}
 	// Open loop at half the best confirmed rate, with enough publishers
 	// that a slow confirm does not hold the next send back.
@@ -140,6 +267,8 @@ func writeReport(cfg SuiteConfig, rs []*Result, check *natsCheck, profiles []beh
 			return err
 		}
 	}
+	all := rs
+	rs = Medians(rs)
 	var charts []string
 	for _, tier := range cfg.Tiers {
 		name, err := ThroughputChart(cfg.Dir, tier, rs)
@@ -150,10 +279,12 @@ func writeReport(cfg SuiteConfig, rs []*Result, check *natsCheck, profiles []beh
 			charts = append(charts, name)
 		}
 	}
-	if name, err := LatencyChart(cfg.Dir, rs); err != nil {
-		return err
-	} else if name != "" {
-		charts = append(charts, name)
+	for _, tier := range cfg.Tiers {
+		if name, err := LatencyChart(cfg.Dir, tier, rs); err != nil {
+			return err
+		} else if name != "" {
+			charts = append(charts, name)
+		}
 	}
 	if cfg.Markdown == "" {
 		return nil
@@ -162,14 +293,17 @@ func writeReport(cfg SuiteConfig, rs []*Result, check *natsCheck, profiles []beh
 	if err != nil {
 		rel = cfg.Dir
 	}
-	return os.WriteFile(cfg.Markdown, []byte(markdown(cfg, rs, check, profiles, charts, rel)), 0o644)
+	return os.WriteFile(cfg.Markdown, []byte(markdown(cfg, all, check, profiles, charts, rel)), 0o644)
 }
 
-func markdown(cfg SuiteConfig, rs []*Result, check *natsCheck, profiles []behindProfile, charts []string, rel string) string {
+// markdown is the report of all the runs (every round).
+func markdown(cfg SuiteConfig, all []*Result, check *natsCheck, profiles []behindProfile, charts []string, rel string) string {
+	rs := Medians(all)
+	rounds := max(cfg.Rounds, 1)
 	var w strings.Builder
 	p := func(format string, args ...any) { fmt.Fprintf(&w, format, args...) }
 	p("# Benchmarks: KiteQ, NATS JetStream and RabbitMQ\n\n")
-	p("Written by `make bench` (`%s`) on %s. Every figure below is from that one run, on this machine:\n\n",
+	p("Written by `make bench` (`%s`) on %s. Every figure below is from that one run of the suite, on this machine:\n\n",
 		cfg.Command, time.Now().UTC().Format("2006-01-02 15:04 MST"))
 	for _, line := range machine(cfg.FsyncProbe) {
 		p("- %s\n", line)
@@ -189,25 +323,50 @@ func markdown(cfg SuiteConfig, rs []*Result, check *natsCheck, profiles []behind
 		"within %v after the window; *backlog* is what was confirmed but not yet delivered when the window closed.\n\n", cfg.Size, cfg.DrainWait)
 
 	p("## Throughput\n\n")
-	p("| tier | system | C | published/s | delivered/s | backlog | lost | dup | e2e p50 | e2e p99 | broker CPU s | peak RSS |\n")
-	p("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
-	for _, r := range rs {
-		if r.Workload == Throughput || r.Workload == Tx {
-			label := r.System
-			if r.Workload == Tx {
-				label += " (tx)"
+	p("Each system ran each tier and C %d times (%v windows), round after round, so that a noisy spell of the machine "+
+		"touches every system alike. Each row is the run with the median confirmed rate; *range* is the lowest and highest "+
+		"of the %d, and *lost* and *dup* add up every run. KiteQ's transactional run (tx) ran once.\n\n", rounds, cfg.Duration, rounds)
+	p("| tier | system | C | published/s | range | delivered/s | backlog | lost | dup | e2e p50 | e2e p99 | broker CPU s | peak RSS |\n")
+	p("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+	var rows []*Result // by tier, then as they ran (the first round's order)
+	for _, tier := range cfg.Tiers {
+		for _, r := range rs {
+			if r.Tier == tier && (r.Workload == Throughput || r.Workload == Tx) {
+				rows = append(rows, r)
 			}
-			p("| %s | %s | %d | %.0f | %.0f | %d | %d | %d | %s | %s | %.1f | %s |\n", r.Tier, label, r.Publishers, r.PublishedRate,
-				r.DeliveredRate, r.BacklogAtEnd, r.Lost, r.Duplicates, ms(r.EndToEnd.P50), ms(r.EndToEnd.P99),
-				r.Usage.CPUSeconds, mib(r.Usage.PeakRSSBytes))
 		}
 	}
-	p("\n## End-to-end latency at 50%% of the best confirmed rate (open loop)\n\n")
-	p("Each message is timed from when it was due to be sent, so a stall shows in the messages behind it.\n\n")
-	p("| tier | system | offered/s | delivered/s | p50 | p99 | p99.9 | max | lost |\n|---|---|---:|---:|---:|---:|---:|---:|---:|\n")
+	for _, r := range rows {
+		label, span, lost, dup := r.System, "", r.Lost, r.Duplicates
+		if r.Workload == Tx {
+			label += " (tx)"
+		} else {
+			lo, hi, _ := rateRange(all, r)
+			span = fmt.Sprintf("%.0f–%.0f", lo, hi)
+			lost, dup = 0, 0
+			for _, o := range all {
+				if o.Workload == Throughput && o.System == r.System && o.Tier == r.Tier && o.Publishers == r.Publishers {
+					lost, dup = lost+o.Lost, dup+o.Duplicates
+				}
+			}
+		}
+		p("| %s | %s | %d | %.0f | %s | %.0f | %d | %d | %d | %s | %s | %.1f | %s |\n", r.Tier, label, r.Publishers, r.PublishedRate,
+			span, r.DeliveredRate, r.BacklogAtEnd, lost, dup, ms(r.EndToEnd.P50), ms(r.EndToEnd.P99),
+			r.Usage.CPUSeconds, mib(r.Usage.PeakRSSBytes))
+	}
+	p("\n## End-to-end latency (open loop)\n\n")
+	p("Each message is timed from when it was due to be sent, so a stall shows in the messages behind it. Each system " +
+		"first runs at half of its own best median confirmed rate in the tier, a moderate load for it. A system that " +
+		"confirms more is offered more there, so each system that was offered more than the slowest one of its tier also " +
+		"runs at that slowest one's rate: the same load for all (*same rate*).\n\n")
+	p("| tier | system | load | offered/s | delivered/s | p50 | p99 | p99.9 | max | lost |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n")
 	for _, r := range rs {
 		if r.Workload == Latency {
-			p("| %s | %s | %.0f | %.0f | %s | %s | %s | %s | %d |\n", r.Tier, r.System, r.Rate, r.DeliveredRate,
+			load := "50% of its best"
+			if r.CommonRate {
+				load = "same rate"
+			}
+			p("| %s | %s | %s | %.0f | %.0f | %s | %s | %s | %s | %d |\n", r.Tier, r.System, load, r.Rate, r.DeliveredRate,
 				ms(r.EndToEnd.P50), ms(r.EndToEnd.P99), ms(r.EndToEnd.P999), ms(r.EndToEnd.Max), r.Lost)
 		}
 	}
@@ -228,15 +387,25 @@ func markdown(cfg SuiteConfig, rs []*Result, check *natsCheck, profiles []behind
 					k.PublishedRate/peer.PublishedRate)
 			}
 		}
-		k := find(rs, "kiteq", tier, Latency, 0)
-		var peer *Result
-		for _, r := range rs {
-			if r.Workload == Latency && r.Tier == tier && r.System != "kiteq" && (peer == nil || r.EndToEnd.P99 < peer.EndToEnd.P99) {
-				peer = r
+		for _, common := range []bool{false, true} {
+			runs := latencyRuns(rs, tier, common)
+			var k, peer *Result
+			for _, r := range runs {
+				switch {
+				case r.System == "kiteq":
+					k = r
+				case peer == nil || r.EndToEnd.P99 < peer.EndToEnd.P99:
+					peer = r
+				}
 			}
-		}
-		if k != nil && peer != nil && k.EndToEnd.P99 > 0 {
-			p("| %s | e2e p99 at 50%% load | %s | %s (%s) | %.2f |\n", tier, ms(k.EndToEnd.P99), ms(peer.EndToEnd.P99), peer.System,
+			if k == nil || peer == nil || k.EndToEnd.P99 <= 0 {
+				continue
+			}
+			what := "e2e p99 at 50% of its best"
+			if common {
+				what = fmt.Sprintf("e2e p99, same rate (%.0f/s)", k.Rate)
+			}
+			p("| %s | %s | %s | %s (%s) | %.2f |\n", tier, what, ms(k.EndToEnd.P99), ms(peer.EndToEnd.P99), peer.System,
 				peer.EndToEnd.P99/k.EndToEnd.P99)
 		}
 	}
@@ -270,6 +439,31 @@ func markdown(cfg SuiteConfig, rs []*Result, check *natsCheck, profiles []behind
 	}
 	p("The raw results are in [%s/results.json](%s/results.json).\n", rel, rel)
 	return w.String()
+}
+
+// latencyRuns are the latency runs of tier at half each system's best
+// rate, or (common) at the rate of the tier's slowest system: its own run
+// and the others' runs at its rate.
+func latencyRuns(rs []*Result, tier Tier, common bool) []*Result {
+	var out []*Result
+	sameRate := map[string]bool{}
+	for _, r := range rs {
+		if r.Workload == Latency && r.Tier == tier && r.CommonRate {
+			sameRate[r.System] = true
+		}
+	}
+	for _, r := range rs {
+		if r.Workload != Latency || r.Tier != tier {
+			continue
+		}
+		switch {
+		case !common && !r.CommonRate, common && r.CommonRate:
+			out = append(out, r)
+		case common && !sameRate[r.System] && len(sameRate) > 0:
+			out = append(out, r) // the slowest system: its own rate is the common one
+		}
+	}
+	return out
 }
 
 func find(rs []*Result, system string, tier Tier, wl Workload, c int) *Result {

@@ -40,6 +40,8 @@ type RunConfig struct {
 	DrainWait   time.Duration // how long deliveries may go on after the window
 	Progress    io.Writer     // the live line; nil for none
 	ProgressTag string        // what the line starts with
+	Round       int           // which round of a suite (reported only)
+	CommonRate  bool          // a latency run at a rate shared by the tier's systems (reported only)
 }
 
 // Result is what a run measured.
@@ -51,6 +53,8 @@ type Result struct {
 	Size       int        `json:"size"`
 	Publishers int        `json:"publishers"`
 	Rate       float64    `json:"offeredRate,omitempty"`
+	CommonRate bool       `json:"commonRate,omitempty"` // Rate is the lowest of the tier's half rates, not this system's
+	Round      int        `json:"round,omitempty"`
 	Seconds    float64    `json:"seconds"` // the publishing window
 
 	Published      int64     `json:"published"` // confirmed
@@ -118,7 +122,7 @@ func Run(ctx context.Context, d Driver, info ServerInfo, name string, cfg RunCon
 	}
 	defer target.Close()
 	r := &Result{System: d.Name(), Server: info, Workload: cfg.Workload, Tier: cfg.Tier, Size: cfg.Size,
-		Publishers: cfg.Publishers, Rate: cfg.Rate}
+		Publishers: cfg.Publishers, Rate: cfg.Rate, CommonRate: cfg.CommonRate, Round: cfg.Round}
 	var (
 		delivered seen
 		e2e       Histogram

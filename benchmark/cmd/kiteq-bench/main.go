@@ -37,7 +37,7 @@ func run(args []string) error {
 	systems := fs.String("systems", "kiteq", "comma-separated systems: kiteq, nats, rabbitmq")
 	tiers := fs.String("tiers", "memory", "comma-separated tiers: memory, written, synced")
 	workload := fs.String("workload", "throughput", "throughput, latency, drain or tx")
-	f := addCommon(fs, 100000, 30*time.Second)
+	f := addCommon(fs, 5*time.Second, 100000, 30*time.Second)
 	rate := fs.Float64("rate", 1000, "messages per second offered (latency)")
 	connPer := fs.Bool("conn-per-publisher", false, "a connection per publisher (as nats bench does), not one shared by all")
 	kiteqFlags := fs.String("kiteq-flags", "", "more flags for the kiteq broker, space-separated (e.g. -pport=13801 to profile it)")
@@ -118,11 +118,11 @@ type common struct {
 	duration, drainWait                *time.Duration
 }
 
-func addCommon(fs *flag.FlagSet, backlog int, drainWait time.Duration) *common {
+func addCommon(fs *flag.FlagSet, duration time.Duration, backlog int, drainWait time.Duration) *common {
 	return &common{
 		conc:      fs.String("c", "1,16,64", "comma-separated numbers of concurrent publishers"),
 		size:      fs.Int("size", 512, "message bytes"),
-		duration:  fs.Duration("duration", 5*time.Second, "each run's publishing window"),
+		duration:  fs.Duration("duration", duration, "each run's publishing window"),
 		backlog:   fs.Int("backlog", backlog, "messages of a drain run"),
 		drainWait: fs.Duration("drain-wait", drainWait, "how long deliveries may go on after a window"),
 		kiteqBin:  fs.String("kiteq-bin", "", "kiteq broker binary (empty: go build broker/cmd/kiteq)"),
@@ -206,7 +206,8 @@ func printTable(rs []*bench.Result) {
 // suite runs the standard suite and writes its report (make bench).
 func suite(args []string) error {
 	fs := flag.NewFlagSet("kiteq-bench suite", flag.ContinueOnError)
-	f := addCommon(fs, 20000, 20*time.Second)
+	f := addCommon(fs, 3*time.Second, 20000, 20*time.Second)
+	rounds := fs.Int("rounds", 3, "throughput runs of each system, tier and C; the report shows the median")
 	natsCLI := fs.String("nats-cli", "", "the nats CLI (natscli v0.5.0) for the nats bench check; empty skips it")
 	checkMsgs := fs.Int("check-msgs", 100000, "messages per round of the nats bench check")
 	checkRounds := fs.Int("check-rounds", 3, "alternating rounds of the nats bench check")
@@ -227,7 +228,7 @@ func suite(args []string) error {
 	}
 	start := time.Now()
 	rs, err := bench.RunSuite(ctx, bench.SuiteConfig{
-		Drivers: ds, Tiers: bench.Tiers, Cs: cs, Size: *f.size, Duration: *f.duration, Backlog: *f.backlog,
+		Drivers: ds, Tiers: bench.Tiers, Cs: cs, Size: *f.size, Duration: *f.duration, Rounds: *rounds, Backlog: *f.backlog,
 		DrainWait: *f.drainWait, Dir: *dir, Markdown: *out, Progress: os.Stderr, FsyncProbe: os.TempDir(),
 		NATSServer: *f.natsBin, NATSCLI: *natsCLI, CheckMsgs: *checkMsgs, CheckRounds: *checkRounds,
 		Command: "kiteq-bench suite " + strings.Join(args, " "),
