@@ -33,8 +33,8 @@ type flight struct {
 
 	mu      sync.Mutex
 	groups  []*groupState // one for each matching group, by group name
-	pending int  // groups that have not finished
-	ended   bool // finished or parked: the flight changes no more
+	pending int           // groups that have not finished
+	ended   bool          // finished or parked: the flight changes no more
 	// low is the earliest time the message has been stored at since it
 	// was read: its writes may move it earlier (a retry before the expiry
 	// it waited at), and until one lands it is at either time. A group
