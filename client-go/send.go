@@ -82,7 +82,7 @@ func uncommitted(h *protocol.Header) (*protocol.Header, error) {
 	if h == nil {
 		return nil, fmt.Errorf("kiteq: send tx: %w: no header", ErrInvalidMessage)
 	}
-	h = protocol.Clone(h)
+	h = protocol.CloneHeader(h)
 	h.Commit = new(false)
 	return h, nil
 }

@@ -108,7 +108,7 @@ func (m *Message) Protocol() protocol.Message {
 // changes its own.
 func (m *Message) Clone() *Message {
 	c := *m
-	c.Header = protocol.Clone(m.Header)
+	c.Header = protocol.CloneHeader(m.Header)
 	c.Body = append([]byte(nil), m.Body...)
 	c.SuccGroups = append([]string(nil), m.SuccGroups...)
 	c.FailGroups = append([]string(nil), m.FailGroups...)

@@ -329,7 +329,7 @@ func (s *Store) Commit(ctx context.Context, id string) error {
 		m.Committed = true
 		m.NextDeliverTime = msTime(s.now())
 		m.DeliverCount = 0 // the transaction checks were not deliveries
-		m.Header = protocol.Clone(old.Header)
+		m.Header = protocol.CloneHeader(old.Header)
 		committed := true
 		m.Header.Commit = &committed
 		return &m, nil
@@ -458,7 +458,7 @@ func (s *Store) Redeliver(ctx context.Context, id string) error {
 	delete(sh.dead, id)
 	sh.deadByID.remove(id)
 	m := *n.val.Message
-	m.Header = protocol.Clone(m.Header)
+	m.Header = protocol.CloneHeader(m.Header)
 	m.Header.Commit = new(true)
 	m.Committed = true
 	m.DeliverCount = 0
