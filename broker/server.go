@@ -402,8 +402,7 @@ func (s *Server) publish(sess *session, p *protocol.Packet) error {
 			<-sess.pubSlots
 			s.pendingBytes.Add(-size)
 		}()
-		ctx := s.engine.deadline.get()
-		stored, err := s.store.Save(ctx, m)
+		stored, err := s.store.Save(s.engine.deadline.get(), m)
 		if err != nil {
 			if claimed {
 				s.engine.unclaim(m.ID())
@@ -430,7 +429,7 @@ func (s *Server) publish(sess *session, p *protocol.Packet) error {
 		case m.Committed:
 			// A flight of an earlier copy of this id held the claim, and
 			// ended meanwhile: its end must not hide this one.
-			s.engine.deliverStored(ctx, m.ID())
+			s.engine.deliverStored(s.engine.deadline.get(), m.ID())
 		}
 	})
 	return nil

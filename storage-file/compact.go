@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"time"
 
 	"go.uber.org/zap"
@@ -12,6 +13,10 @@ import (
 
 // maintainEvery spaces the space checks of a busy writer.
 const maintainEvery = 50 * time.Millisecond
+
+// recordPrefixLen is the start of every record's payload: its kind and
+// its message id.
+const recordPrefixLen = 1 + len(msgID{})
 
 // compactChunk bounds the bytes of the oldest segment looked at in one
 // step, so writes wait for compaction only briefly.
@@ -92,7 +97,12 @@ func (s *Store) dropOldest() error {
 	s.segIDs = s.segIDs[1:]
 	s.compactAt = 0
 	seg.f.Close()
-	if err := os.Remove(seg.f.Name()); err != nil {
+	// The segment leaves the log by a rename, which is quick; the file is
+	// removed in the background. Removing a segment frees its blocks and
+	// drops its pages from the page cache: 20 ms for 64 MiB, a stall of
+	// every write behind it.
+	trash := seg.f.Name() + trashSuffix
+	if err := os.Rename(seg.f.Name(), trash); err != nil {
 		return fmt.Errorf("delete %s: %w", seg.f.Name(), err)
 	}
 	// Durable before the next deletion: were this file to come back after
@@ -101,7 +111,29 @@ func (s *Store) dropOldest() error {
 	if err := syncDir(s.opts.Dir); err != nil {
 		return fmt.Errorf("sync %s: %w", s.opts.Dir, err)
 	}
+	s.removals.Go(func() {
+		if err := os.Remove(trash); err != nil {
+			s.log.Warn("file store: remove a deleted segment (the next open removes it)", zap.Error(err))
+		}
+	})
 	s.log.Debug("segment deleted", zap.Uint32("segment", oldest))
+	return nil
+}
+
+// trashSuffix names a segment that left the log and waits to be removed.
+const trashSuffix = ".deleted"
+
+// removeTrash removes the deleted segments a run that stopped left behind.
+func removeTrash(dir string) error {
+	trash, err := filepath.Glob(filepath.Join(dir, "*"+segmentSuffix+trashSuffix))
+	if err != nil {
+		return err
+	}
+	for _, t := range trash {
+		if err := os.Remove(t); err != nil {
+			return err
+		}
+	}
 	return nil
 }
 
@@ -133,19 +165,43 @@ func (s *Store) compactStep(oldest uint32) error {
 		if err != nil {
 			return fmt.Errorf("%s at %d: %w", seg.f.Name(), at, err)
 		}
+		p := pos{seg: oldest, off: uint32(at), size: uint32(recordHeaderLen + n)}
+		// Only a save the index still has at this place is copied. The
+		// others, most of a segment that is compacted, are skipped unread
+		// by their kind and id: decoding them cost compaction steps of
+		// 10 ms, which writes waited for.
+		prefix, err := br.Peek(min(n, recordPrefixLen))
+		if err != nil {
+			return fmt.Errorf("read %s at %d: %w", seg.f.Name(), at, err)
+		}
+		if len(prefix) < recordPrefixLen {
+			return fmt.Errorf("%s at %d: %w: %d-byte payload", seg.f.Name(), at, errCorrupt, n)
+		}
+		var id msgID
+		copy(id[:], prefix[1:])
+		keep := recordKind(prefix[0]) == recSave
+		if keep {
+			s.mu.Lock()
+			e, ok := s.idx.entries[id]
+			s.mu.Unlock()
+			keep = ok && e.save == p
+		}
+		at += int64(p.size)
+		if !keep {
+			if _, err := br.Discard(n); err != nil {
+				return fmt.Errorf("read %s at %d: %w", seg.f.Name(), p.off, err)
+			}
+			continue
+		}
 		payload := make([]byte, n)
 		if _, err := io.ReadFull(br, payload); err != nil {
-			return fmt.Errorf("read %s at %d: %w", seg.f.Name(), at, err)
+			return fmt.Errorf("read %s at %d: %w", seg.f.Name(), p.off, err)
 		}
 		r, err := decodeRecord(payload, crc)
 		if err != nil {
-			return fmt.Errorf("%s at %d: %w", seg.f.Name(), at, err)
+			return fmt.Errorf("%s at %d: %w", seg.f.Name(), p.off, err)
 		}
-		p := pos{seg: oldest, off: uint32(at), size: uint32(recordHeaderLen + n)}
-		if r.kind == recSave {
-			cands = append(cands, candidate{r, p})
-		}
-		at += int64(p.size)
+		cands = append(cands, candidate{r, p})
 	}
 
 	type live struct {

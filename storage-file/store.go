@@ -42,6 +42,7 @@ type Store struct {
 	Now func() time.Time
 
 	lockFile *os.File
+	removals sync.WaitGroup // deleted segments being removed (dropOldest)
 
 	// mu guards the index, the queue of records for the writer, and the
 	// store's state. Lock order: mu, then segMu.
@@ -133,6 +134,10 @@ func Open(opts Options, log *zap.Logger) (*Store, error) {
 		wake: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{}),
 	}
 	os.Remove(filepath.Join(opts.Dir, spareName)) // left by a run that stopped
+	if err := removeTrash(opts.Dir); err != nil {
+		lock.Close()
+		return nil, fmt.Errorf("file store: %w", err)
+	}
 	if opts.Sync != SyncNever {
 		s.prep = newPreparer(opts.Dir, opts.SegmentSize)
 	}
@@ -733,6 +738,7 @@ func (s *Store) Close() error {
 	s.mu.Unlock()
 	close(s.stop)
 	<-s.done
+	s.removals.Wait()
 	if s.direct != nil {
 		s.direct.close()
 	}
