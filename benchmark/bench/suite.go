@@ -51,22 +51,31 @@ func RunSuite(ctx context.Context, cfg SuiteConfig) ([]*Result, error) {
 		check = &natsCheck{Results: got, Server: info, Msgs: cfg.CheckMsgs, Rounds: cfg.CheckRounds}
 	}
 	// Round after round, each system in each tier runs every C, so that
-	// a noisy spell of the machine touches every system alike; the last
-	// round also runs the other workloads, at rates from the medians.
+	// a noisy spell of the machine touches every system alike. Then, in
+	// as many rounds, the latency runs, at rates from the throughput
+	// medians; the first of them also runs the drain and KiteQ's
+	// transactions.
 	rounds := max(cfg.Rounds, 1)
 	for round := 1; round <= rounds; round++ {
 		for _, tier := range cfg.Tiers {
 			for _, d := range cfg.Drivers {
 				got, err := onServer(ctx, d, tier, func(info ServerInfo) ([]*Result, error) {
-					return runSystem(ctx, d, info, tier, cfg, round, rs)
+					return runThroughput(ctx, d, info, tier, cfg, round)
 				})
 				rs = append(rs, got...)
 				if err != nil {
 					return rs, err
 				}
 			}
-			if round == rounds {
-				got, err := commonRate(ctx, cfg, tier, rs)
+		}
+	}
+	half := halfRates(Medians(rs))
+	for round := 1; round <= rounds; round++ {
+		for _, tier := range cfg.Tiers {
+			for _, d := range cfg.Drivers {
+				got, err := onServer(ctx, d, tier, func(info ServerInfo) ([]*Result, error) {
+					return runOthers(ctx, d, info, tier, cfg, round, half)
+				})
 				rs = append(rs, got...)
 				if err != nil {
 					return rs, err
@@ -102,93 +111,89 @@ func onServer(ctx context.Context, d Driver, tier Tier, fn func(ServerInfo) ([]*
 	return got, nil
 }
 
-// commonRate runs, for each system of tier whose latency run offered more
-// than the lowest rate offered in the tier, a latency run at that lowest
-// rate: each system's p99 at half its own best rate says how it does at
-// its own moderate load, this one compares them at the same load.
-func commonRate(ctx context.Context, cfg SuiteConfig, tier Tier, rs []*Result) ([]*Result, error) {
-	common := 0.0
-	for _, r := range rs {
-		if r.Workload == Latency && r.Tier == tier && !r.CommonRate && (common == 0 || r.Rate < common) {
-			common = r.Rate
-		}
-	}
-	var out []*Result
-	for _, d := range cfg.Drivers {
-		own := find(rs, d.Name(), tier, Latency, 0)
-		if own == nil || own.Rate <= common*1.05 {
+// halfRates is, for each tier and system, half of the system's best
+// median confirmed rate in the tier: its latency runs' offered rate.
+func halfRates(medians []*Result) map[Tier]map[string]float64 {
+	half := map[Tier]map[string]float64{}
+	for _, r := range medians {
+		if r.Workload != Throughput {
 			continue
 		}
-		got, err := onServer(ctx, d, tier, func(info ServerInfo) ([]*Result, error) {
-			r, err := Run(ctx, d, info, fmt.Sprintf("%scommon%d", tier, time.Now().UnixNano()%1e6), RunConfig{
-				Workload: Latency, Tier: tier, Size: cfg.Size, Publishers: own.Publishers, Duration: cfg.Duration,
-				Rate: common, CommonRate: true, DrainWait: cfg.DrainWait, Progress: cfg.Progress,
-				ProgressTag: fmt.Sprintf("%-8s %-7s %-10s c=%-3d", d.Name(), tier, "latency", own.Publishers),
-			})
-			if r == nil {
-				return nil, err
-			}
-			return []*Result{r}, err
-		})
-		out = append(out, got...)
-		if err != nil {
-			return out, err
+		if half[r.Tier] == nil {
+			half[r.Tier] = map[string]float64{}
 		}
+		half[r.Tier][r.System] = max(half[r.Tier][r.System], r.PublishedRate/2)
 	}
-	return out, nil
+	return half
 }
 
-// Medians keeps, of the throughput runs of each system, tier and C, the
-// one with the median confirmed rate (the lower middle one of an even
-// number), where the first of them ran, and every run of the other
-// workloads.
+// Medians keeps, of the rounds of each throughput and latency run, the
+// one with the median confirmed rate or e2e p99 (the lower middle one of
+// an even number), where the first of them ran, and every run of the
+// other workloads.
 func Medians(rs []*Result) []*Result {
-	type key struct {
-		system string
-		tier   Tier
-		c      int
-	}
-	runs := map[key][]*Result{}
+	runs := map[runKey][]*Result{}
 	for _, r := range rs {
-		if r.Workload == Throughput {
-			k := key{r.System, r.Tier, r.Publishers}
-			runs[k] = append(runs[k], r)
+		if r.Workload == Throughput || r.Workload == Latency {
+			runs[keyOf(r)] = append(runs[keyOf(r)], r)
 		}
 	}
 	var out []*Result
 	for _, r := range rs {
-		if r.Workload != Throughput {
+		if r.Workload != Throughput && r.Workload != Latency {
 			out = append(out, r)
 			continue
 		}
-		k := key{r.System, r.Tier, r.Publishers}
-		if runs[k][0] == r {
+		if k := keyOf(r); runs[k][0] == r {
 			out = append(out, medianRun(runs[k]))
 		}
 	}
 	return out
 }
 
+// runKey is what the rounds of a run have in common.
+type runKey struct {
+	system     string
+	tier       Tier
+	workload   Workload
+	c          int
+	commonRate bool
+}
+
+func keyOf(r *Result) runKey {
+	return runKey{r.System, r.Tier, r.Workload, r.Publishers, r.CommonRate}
+}
+
+// medianRun is the run with the median confirmed rate (throughput) or the
+// median e2e p99 (latency).
 func medianRun(rs []*Result) *Result {
 	sorted := slices.Clone(rs)
-	slices.SortStableFunc(sorted, func(a, b *Result) int { return cmp.Compare(a.PublishedRate, b.PublishedRate) })
+	slices.SortStableFunc(sorted, func(a, b *Result) int {
+		if a.Workload == Latency {
+			return cmp.Compare(a.EndToEnd.P99, b.EndToEnd.P99)
+		}
+		return cmp.Compare(a.PublishedRate, b.PublishedRate)
+	})
 	return sorted[(len(sorted)-1)/2]
 }
 
-// rateRange is the lowest and highest confirmed rate of the throughput
-// runs like r.
-func rateRange(rs []*Result, r *Result) (lo, hi float64, n int) {
+// spread is the lowest and highest of value over the rounds of r (the
+// runs like it, r's too), and their number.
+func spread(rs []*Result, r *Result, value func(*Result) float64) (lo, hi float64, n int) {
 	for _, o := range rs {
-		if o.Workload == Throughput && o.System == r.System && o.Tier == r.Tier && o.Publishers == r.Publishers {
-			if n == 0 || o.PublishedRate < lo {
-				lo = o.PublishedRate
+		if keyOf(o) == keyOf(r) {
+			if v := value(o); n == 0 || v < lo {
+				lo = v
 			}
-			hi = max(hi, o.PublishedRate)
+			hi = max(hi, value(o))
 			n++
 		}
 	}
 	return lo, hi, n
 }
+
+func publishedRate(r *Result) float64 { return r.PublishedRate }
+func p99(r *Result) float64           { return r.EndToEnd.P99 }
 
 // natsCheck is the nats bench check for the report.
 type natsCheck struct {
@@ -198,53 +203,70 @@ type natsCheck struct {
 	Rounds  int               `json:"rounds"`
 }
 
-// runSystem runs the throughput of one round on d's server of tier; in
-// the last round also the latency, at half the best of the median rates
-// (earlier rounds' runs are in before), the drain and KiteQ's transactions.
-func runSystem(ctx context.Context, d Driver, info ServerInfo, tier Tier, cfg SuiteConfig, round int, before []*Result) ([]*Result, error) {
+// runThroughput runs one round of the throughput at each C on d's
+// server of tier.
+func runThroughput(ctx context.Context, d Driver, info ServerInfo, tier Tier, cfg SuiteConfig, round int) ([]*Result, error) {
 	var rs []*Result
-	n := 0
-	run := func(c RunConfig) (*Result, error) {
-		n++
-		c.Tier, c.Size, c.DrainWait, c.Progress, c.Round = tier, cfg.Size, cfg.DrainWait, cfg.Progress, round
-		c.ProgressTag = fmt.Sprintf("%-8s %-7s %-10s c=%-3d", d.Name(), tier, c.Workload, c.Publishers)
-		if cfg.Rounds > 1 && c.Workload == Throughput {
-			c.ProgressTag = fmt.Sprintf("%s round %d/%d", c.ProgressTag, round, cfg.Rounds)
-		}
-		r, err := Run(ctx, d, info, fmt.Sprintf("%s%d%d", tier, n, time.Now().UnixNano()%1e6), c)
+	for _, c := range cfg.Cs {
+		r, err := runOne(ctx, d, info, cfg, RunConfig{Workload: Throughput, Tier: tier, Publishers: c, Duration: cfg.Duration, Round: round})
 		if r != nil {
 			rs = append(rs, r)
 		}
-		return r, err
-	}
-	for _, c := range cfg.Cs {
-		if _, err := run(RunConfig{Workload: Throughput, Publishers: c, Duration: cfg.Duration}); err != nil {
-			return rs, err
-		}
-	}
-	if round < max(cfg.Rounds, 1) {
-		return rs, nil
-	}
-	best := 0.0
-	for _, r := range Medians(append(slices.Clone(before), rs...)) {
-		if r.System == d.Name() && r.Tier == tier && r.Workload == Throughput {
-			best = max(best, r.PublishedRate)
-		}
-	}
-	// Open loop at half the best confirmed rate, with enough publishers
-	// that a slow confirm does not hold the next send back.
-	if _, err := run(RunConfig{Workload: Latency, Publishers: slices.Max(cfg.Cs), Duration: cfg.Duration, Rate: best / 2}); err != nil {
-		return rs, err
-	}
-	if _, err := run(RunConfig{Workload: Drain, Publishers: slices.Max(cfg.Cs), Backlog: cfg.Backlog}); err != nil {
-		return rs, err
-	}
-	if d.Name() == "kiteq" {
-		if _, err := run(RunConfig{Workload: Tx, Publishers: slices.Max(cfg.Cs), Duration: cfg.Duration}); err != nil {
+		if err != nil {
 			return rs, err
 		}
 	}
 	return rs, nil
+}
+
+// runOthers runs one round of latency on d's server of tier: at half its
+// own best rate, and at the rate of the tier's slowest system when that is
+// lower (by more than 5%). Each system's p99 at half its own best rate
+// says how it does at its own moderate load; the other compares them at
+// the same load. The first round also runs the drain and KiteQ's
+// transactions.
+func runOthers(ctx context.Context, d Driver, info ServerInfo, tier Tier, cfg SuiteConfig, round int, half map[Tier]map[string]float64) ([]*Result, error) {
+	own, common := half[tier][d.Name()], 0.0
+	for _, h := range half[tier] {
+		if common == 0 || h < common {
+			common = h
+		}
+	}
+	runs := []RunConfig{{Workload: Latency, Rate: own, Duration: cfg.Duration}}
+	if own > common*1.05 {
+		runs = append(runs, RunConfig{Workload: Latency, Rate: common, CommonRate: true, Duration: cfg.Duration})
+	}
+	if round == 1 {
+		runs = append(runs, RunConfig{Workload: Drain, Backlog: cfg.Backlog})
+		if d.Name() == "kiteq" {
+			runs = append(runs, RunConfig{Workload: Tx, Duration: cfg.Duration})
+		}
+	}
+	var rs []*Result
+	for _, rc := range runs {
+		// Enough publishers that a slow confirm does not hold the next
+		// send back.
+		rc.Tier, rc.Publishers, rc.Round = tier, slices.Max(cfg.Cs), round
+		r, err := runOne(ctx, d, info, cfg, rc)
+		if r != nil {
+			rs = append(rs, r)
+		}
+		if err != nil {
+			return rs, err
+		}
+	}
+	return rs, nil
+}
+
+// runOne runs rc with the suite's message size, drain wait and progress
+// line.
+func runOne(ctx context.Context, d Driver, info ServerInfo, cfg SuiteConfig, rc RunConfig) (*Result, error) {
+	rc.Size, rc.DrainWait, rc.Progress = cfg.Size, cfg.DrainWait, cfg.Progress
+	rc.ProgressTag = fmt.Sprintf("%-8s %-7s %-10s c=%-3d", d.Name(), rc.Tier, rc.Workload, rc.Publishers)
+	if cfg.Rounds > 1 && (rc.Workload == Throughput || rc.Workload == Latency) {
+		rc.ProgressTag = fmt.Sprintf("%s round %d/%d", rc.ProgressTag, rc.Round, cfg.Rounds)
+	}
+	return Run(ctx, d, info, fmt.Sprintf("%s%s%d", rc.Tier, rc.Workload, time.Now().UnixNano()%1e9), rc)
 }
 
 func writeReport(cfg SuiteConfig, rs []*Result, check *natsCheck, profiles []behindProfile) error {
@@ -341,11 +363,11 @@ func markdown(cfg SuiteConfig, all []*Result, check *natsCheck, profiles []behin
 		if r.Workload == Tx {
 			label += " (tx)"
 		} else {
-			lo, hi, _ := rateRange(all, r)
+			lo, hi, _ := spread(all, r, publishedRate)
 			span = fmt.Sprintf("%.0f–%.0f", lo, hi)
 			lost, dup = 0, 0
 			for _, o := range all {
-				if o.Workload == Throughput && o.System == r.System && o.Tier == r.Tier && o.Publishers == r.Publishers {
+				if keyOf(o) == keyOf(r) {
 					lost, dup = lost+o.Lost, dup+o.Duplicates
 				}
 			}
@@ -355,19 +377,30 @@ func markdown(cfg SuiteConfig, all []*Result, check *natsCheck, profiles []behin
 			r.Usage.CPUSeconds, mib(r.Usage.PeakRSSBytes))
 	}
 	p("\n## End-to-end latency (open loop)\n\n")
-	p("Each message is timed from when it was due to be sent, so a stall shows in the messages behind it. Each system " +
-		"first runs at half of its own best median confirmed rate in the tier, a moderate load for it. A system that " +
-		"confirms more is offered more there, so each system that was offered more than the slowest one of its tier also " +
-		"runs at that slowest one's rate: the same load for all (*same rate*).\n\n")
-	p("| tier | system | load | offered/s | delivered/s | p50 | p99 | p99.9 | max | lost |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n")
+	p("Each message is timed from when it was due to be sent, so a stall shows in the messages behind it. Each system "+
+		"first runs at half of its own best median confirmed rate in the tier, a moderate load for it. A system that "+
+		"confirms more is offered more there, so each system that was offered more than the slowest one of its tier also "+
+		"runs at that slowest one's rate: the same load for all (*same rate*). Each ran %d times (%v windows); each row "+
+		"is the run with the median p99, *p99 range* the lowest and highest p99 of the %d, and *lost* adds up every run.\n\n",
+		rounds, cfg.Duration, rounds)
+	p("| tier | system | load | offered/s | delivered/s | p50 | p99 | p99 range | p99.9 | max | lost |\n")
+	p("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 	for _, r := range rs {
 		if r.Workload == Latency {
 			load := "50% of its best"
 			if r.CommonRate {
 				load = "same rate"
 			}
-			p("| %s | %s | %s | %.0f | %.0f | %s | %s | %s | %s | %d |\n", r.Tier, r.System, load, r.Rate, r.DeliveredRate,
-				ms(r.EndToEnd.P50), ms(r.EndToEnd.P99), ms(r.EndToEnd.P999), ms(r.EndToEnd.Max), r.Lost)
+			lo, hi, _ := spread(all, r, p99)
+			lost := int64(0)
+			for _, o := range all {
+				if keyOf(o) == keyOf(r) {
+					lost += o.Lost
+				}
+			}
+			p("| %s | %s | %s | %.0f | %.0f | %s | %s | %s–%s | %s | %s | %d |\n", r.Tier, r.System, load, r.Rate, r.DeliveredRate,
+				ms(r.EndToEnd.P50), ms(r.EndToEnd.P99), strings.TrimSuffix(ms(lo), " ms"), ms(hi), ms(r.EndToEnd.P999),
+				ms(r.EndToEnd.Max), lost)
 		}
 	}
 	p("\n## Drain of a backlog\n\n| tier | system | backlog | published/s (no consumer) | drained/s | lost |\n|---|---|---:|---:|---:|---:|\n")

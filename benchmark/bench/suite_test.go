@@ -28,7 +28,7 @@ func TestMediansKeepsTheMedianThroughputRun(t *testing.T) {
 				got[i].PublishedRate, want[i].System, want[i].Publishers, want[i].PublishedRate)
 		}
 	}
-	lo, hi, n := rateRange([]*Result{a1, b1, a2, c1, a3}, a3)
+	lo, hi, n := spread([]*Result{a1, b1, a2, c1, a3}, a3, publishedRate)
 	if lo != 100 || hi != 300 || n != 3 {
 		t.Fatalf("range of a c=1: %.0f-%.0f of %d runs, want 100-300 of 3", lo, hi, n)
 	}
@@ -56,27 +56,42 @@ func TestSuiteRoundsAndReport(t *testing.T) {
 	}
 	count := map[string]int{}
 	var own, common []*Result
+	latencyRuns := 0
 	for _, r := range rs {
+		if r.Workload == Latency {
+			latencyRuns++
+		}
+	}
+	for _, r := range Medians(rs) {
 		if r.Lost != 0 || r.Duplicates != 0 || r.PublishErrors != 0 {
 			t.Fatalf("%s %s c=%d: lost %d, dup %d, errors %d", r.System, r.Workload, r.Publishers, r.Lost, r.Duplicates, r.PublishErrors)
 		}
 		switch {
-		case r.Workload == Throughput:
-			count[r.System]++
-			if r.Round < 1 || r.Round > 2 {
-				t.Fatalf("a throughput run of round %d", r.Round)
-			}
 		case r.Workload == Latency && r.CommonRate:
 			common = append(common, r)
 		case r.Workload == Latency:
 			own = append(own, r)
 		}
 	}
+	for _, r := range rs {
+		if r.Lost != 0 || r.Duplicates != 0 || r.PublishErrors != 0 {
+			t.Fatalf("%s %s c=%d: lost %d, dup %d, errors %d", r.System, r.Workload, r.Publishers, r.Lost, r.Duplicates, r.PublishErrors)
+		}
+		if r.Workload == Throughput {
+			count[r.System]++
+		}
+		if (r.Workload == Throughput || r.Workload == Latency) && (r.Round < 1 || r.Round > 2) {
+			t.Fatalf("a %s run of round %d", r.Workload, r.Round)
+		}
+	}
+	if latencyRuns != 2*(len(own)+len(common)) {
+		t.Fatalf("%d latency runs, want 2 rounds of the %d latency medians", latencyRuns, len(own)+len(common))
+	}
 	if count["kiteq"] != 4 || count["nats"] != 4 {
 		t.Fatalf("throughput runs: %v, want 4 of each system (2 rounds of 2 C)", count)
 	}
 	if len(own) != 2 {
-		t.Fatalf("%d latency runs at half the system's best rate, want 2", len(own))
+		t.Fatalf("%d latency medians at half the system's best rate, want 2", len(own))
 	}
 	slowest := min(own[0].Rate, own[1].Rate)
 	for _, r := range own {

@@ -209,7 +209,7 @@ func suite(args []string) error {
 	f := addCommon(fs, 3*time.Second, 20000, 20*time.Second)
 	rounds := fs.Int("rounds", 3, "throughput runs of each system, tier and C; the report shows the median")
 	natsCLI := fs.String("nats-cli", "", "the nats CLI (natscli v0.5.0) for the nats bench check; empty skips it")
-	checkMsgs := fs.Int("check-msgs", 100000, "messages per round of the nats bench check")
+	checkMsgs := fs.Int("check-msgs", 60000, "messages per round of the nats bench check")
 	checkRounds := fs.Int("check-rounds", 3, "alternating rounds of the nats bench check")
 	out := fs.String("out", "docs/benchmarks.md", "the report")
 	dir := fs.String("dir", "docs/benchmarks", "where the JSON and the charts go")
