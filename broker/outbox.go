@@ -87,27 +87,32 @@ func (o *outbox) run() {
 }
 
 // gather lets the goroutines that are about to append run first, while
-// the buffer keeps growing (a few rounds at most), so that under load one
-// write carries many packets. An idle connection loses nothing: with no
-// other goroutine to run, Gosched returns at once.
+// the buffer keeps growing (a few rounds and 50 µs at most), so that under
+// load one write carries many packets. An idle connection loses nothing:
+// with no other goroutine to run, Gosched returns at once.
 func (o *outbox) gather() {
 	o.mu.Lock()
 	n := len(o.buf)
 	o.mu.Unlock()
+	start := time.Now()
 	for range maxGatherRounds {
 		runtime.Gosched()
 		o.mu.Lock()
 		m := len(o.buf)
 		o.mu.Unlock()
-		if m == n {
+		if m == n || time.Since(start) > maxGather {
 			return
 		}
 		n = m
 	}
 }
 
-// maxGatherRounds bounds how long gather waits for more packets.
-const maxGatherRounds = 4
+// maxGatherRounds and maxGather bound how long gather waits for more
+// packets.
+const (
+	maxGatherRounds = 4
+	maxGather       = 50 * time.Microsecond
+)
 
 // close stops accepting packets; the writer flushes what is buffered and
 // ends. It does not wait: see wait.

@@ -515,25 +515,20 @@ func (s *Server) txAck(sess *session, p *protocol.Packet) error {
 	}
 	id := tx.GetHeader().GetMessageId()
 	// A decision follows its message: wait for a save of it that this
-	// connection started and that is still running.
+	// connection started and that is still running. The save ends within
+	// its own deadline; the decision's store calls get theirs after it.
 	saved := sess.pendingSave(id)
-	waitSaved := func(ctx context.Context) error {
+	waitSaved := func(ctx context.Context) context.Context {
 		if saved == nil {
-			return nil
+			return ctx
 		}
-		select {
-		case <-saved:
-			return nil
-		case <-ctx.Done():
-			return ctx.Err()
-		}
+		<-saved
+		return s.engine.deadline.get()
 	}
 	switch protocol.TxStatus(tx.GetStatus()) {
 	case protocol.TxCommit:
 		s.engine.storeAsync("commit", func(ctx context.Context) error {
-			if err := waitSaved(ctx); err != nil {
-				return err
-			}
+			ctx = waitSaved(ctx)
 			unlock := s.lockDecision(id)
 			err := s.store.Commit(ctx, id)
 			unlock()
@@ -546,9 +541,7 @@ func (s *Server) txAck(sess *session, p *protocol.Packet) error {
 		})
 	case protocol.TxRollback:
 		s.engine.storeAsync("rollback", func(ctx context.Context) error {
-			if err := waitSaved(ctx); err != nil {
-				return err
-			}
+			ctx = waitSaved(ctx)
 			unlock := s.lockDecision(id)
 			err := s.store.Rollback(ctx, id)
 			unlock()

@@ -356,27 +356,33 @@ func (cn *conn) writeLoop() {
 }
 
 // gather lets the goroutines about to queue packets run first, while the
-// write buffer keeps growing (a few rounds at most), so that under load one
-// write carries many packets. When nothing else is runnable, Gosched
-// returns at once and an idle connection waits for nothing.
+// write buffer keeps growing (a few rounds and 50 µs at most), so that
+// under load one write carries many packets. When nothing else is
+// runnable, Gosched returns at once and an idle connection waits for
+// nothing.
 func (cn *conn) gather() {
 	cn.wmu.Lock()
 	n := len(cn.wbuf)
 	cn.wmu.Unlock()
+	start := time.Now()
 	for range maxGatherRounds {
 		runtime.Gosched()
 		cn.wmu.Lock()
 		m := len(cn.wbuf)
 		cn.wmu.Unlock()
-		if m == n {
+		if m == n || time.Since(start) > maxGather {
 			return
 		}
 		n = m
 	}
 }
 
-// maxGatherRounds bounds how long gather waits for more packets.
-const maxGatherRounds = 4
+// maxGatherRounds and maxGather bound how long gather waits for more
+// packets.
+const (
+	maxGatherRounds = 4
+	maxGather       = 50 * time.Microsecond
+)
 
 // writeMsg queues one packet. It fails with errConnClosed once the
 // connection is closed, or with ErrInvalidMessage when msg cannot be

@@ -97,8 +97,9 @@ func (r *Reader) ReadPacket() (*Packet, error) {
 	return p, nil
 }
 
-// maxReusedBody bounds the body memory ReadReused keeps between packets.
-const maxReusedBody = 64 << 10
+// maxReusedBody bounds the body memory ReadReused keeps between packets:
+// a connection keeps its bufio buffer too, and a broker has many.
+const maxReusedBody = 16 << 10
 
 // ReadReused reads the next packet as ReadPacket does, into a packet and
 // body memory that the Reader reuses: they are valid until the next read.
@@ -135,7 +136,7 @@ func (r *Reader) read(p *Packet, buf []byte) error {
 	if err != nil {
 		return err
 	}
-	if cap(buf) >= length {
+	if buf != nil && cap(buf) >= length {
 		p.Body = buf[:length]
 	} else {
 		p.Body = make([]byte, length)

@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"go.uber.org/zap"
@@ -95,15 +96,19 @@ func (s *Store) dropOldest() error {
 	delete(s.segs, oldest)
 	s.segMu.Unlock()
 	s.segIDs = s.segIDs[1:]
-	s.compactAt = 0
+	s.compactAt, s.compactVerify = 0, false
 	seg.f.Close()
-	// The segment leaves the log by a rename, which is quick; the file is
-	// removed in the background. Removing a segment frees its blocks and
-	// drops its pages from the page cache: 20 ms for 64 MiB, a stall of
-	// every write behind it.
-	trash := seg.f.Name() + trashSuffix
-	if err := os.Rename(seg.f.Name(), trash); err != nil {
-		return fmt.Errorf("delete %s: %w", seg.f.Name(), err)
+	// The segment leaves the log by a rename, which is quick, and the
+	// file is removed in the background (s.remover). Removing a segment
+	// frees its blocks and drops its pages from the page cache: 20 ms for
+	// 64 MiB, a stall of every write behind it. Where the rename fails (a
+	// full directory block on a full disk) the file is removed here.
+	name, trash := seg.f.Name(), seg.f.Name()+trashSuffix
+	renamed := os.Rename(name, trash) == nil
+	if !renamed {
+		if err := os.Remove(name); err != nil {
+			return fmt.Errorf("delete %s: %w", name, err)
+		}
 	}
 	// Durable before the next deletion: were this file to come back after
 	// a crash while a newer one did not, its messages would lose their
@@ -111,11 +116,9 @@ func (s *Store) dropOldest() error {
 	if err := syncDir(s.opts.Dir); err != nil {
 		return fmt.Errorf("sync %s: %w", s.opts.Dir, err)
 	}
-	s.removals.Go(func() {
-		if err := os.Remove(trash); err != nil {
-			s.log.Warn("file store: remove a deleted segment (the next open removes it)", zap.Error(err))
-		}
-	})
+	if renamed {
+		s.remover.remove(trash)
+	}
 	s.log.Debug("segment deleted", zap.Uint32("segment", oldest))
 	return nil
 }
@@ -123,18 +126,62 @@ func (s *Store) dropOldest() error {
 // trashSuffix names a segment that left the log and waits to be removed.
 const trashSuffix = ".deleted"
 
-// removeTrash removes the deleted segments a run that stopped left behind.
-func removeTrash(dir string) error {
-	trash, err := filepath.Glob(filepath.Join(dir, "*"+segmentSuffix+trashSuffix))
+// removeTrash removes the deleted segments a run that stopped left
+// behind; the log does not read them (listSegments), so a failure is only
+// logged.
+func removeTrash(dir string, log *zap.Logger) {
+	names, err := os.ReadDir(dir)
 	if err != nil {
-		return err
+		log.Warn("file store: list deleted segments", zap.Error(err))
+		return
 	}
-	for _, t := range trash {
-		if err := os.Remove(t); err != nil {
-			return err
+	for _, n := range names {
+		if strings.HasSuffix(n.Name(), segmentSuffix+trashSuffix) {
+			if err := os.Remove(filepath.Join(dir, n.Name())); err != nil {
+				log.Warn("file store: remove a deleted segment", zap.Error(err))
+			}
 		}
 	}
-	return nil
+}
+
+// remover removes deleted segments one after another, off the writer's
+// path: removals at once would contend for the file system.
+type remover struct {
+	log   *zap.Logger
+	files chan string
+	done  chan struct{}
+}
+
+func newRemover(log *zap.Logger) *remover {
+	r := &remover{log: log, files: make(chan string, 64), done: make(chan struct{})}
+	go r.run()
+	return r
+}
+
+func (r *remover) run() {
+	defer close(r.done)
+	for f := range r.files {
+		if err := os.Remove(f); err != nil {
+			r.log.Warn("file store: remove a deleted segment (the next open removes it)", zap.Error(err))
+		}
+	}
+}
+
+// remove removes the file in the background; at once when 64 wait.
+func (r *remover) remove(f string) {
+	select {
+	case r.files <- f:
+	default:
+		if err := os.Remove(f); err != nil {
+			r.log.Warn("file store: remove a deleted segment (the next open removes it)", zap.Error(err))
+		}
+	}
+}
+
+// close removes what waits, then returns.
+func (r *remover) close() {
+	close(r.files)
+	<-r.done
 }
 
 // compactStep copies the live messages of the next chunk of the oldest
@@ -147,7 +194,19 @@ func (s *Store) compactStep(oldest uint32) error {
 	size := s.idx.segs[oldest].size
 	s.mu.Unlock()
 	if s.compactAt >= size {
-		return nil // everything was copied; deletion follows once applied
+		// Everything was copied, and applied: the segment is deleted once
+		// nothing in it is live. Something live left means the walk missed
+		// a save (a record damaged since the store opened, whose length
+		// led it astray): walk it again, checking every record.
+		s.mu.Lock()
+		live := s.idx.segs[oldest].live
+		s.mu.Unlock()
+		if live > 0 && !s.compactVerify {
+			s.log.Error("file store: compaction left live messages in a segment; checking every record of it",
+				zap.Uint32("segment", oldest), zap.Int("live", live))
+			s.compactAt, s.compactVerify = 0, true
+		}
+		return nil
 	}
 	type candidate struct {
 		r *record
@@ -187,7 +246,7 @@ func (s *Store) compactStep(oldest uint32) error {
 			keep = ok && e.save == p
 		}
 		at += int64(p.size)
-		if !keep {
+		if !keep && !s.compactVerify {
 			if _, err := br.Discard(n); err != nil {
 				return fmt.Errorf("read %s at %d: %w", seg.f.Name(), p.off, err)
 			}
@@ -201,7 +260,9 @@ func (s *Store) compactStep(oldest uint32) error {
 		if err != nil {
 			return fmt.Errorf("%s at %d: %w", seg.f.Name(), p.off, err)
 		}
-		cands = append(cands, candidate{r, p})
+		if keep {
+			cands = append(cands, candidate{r, p})
+		}
 	}
 
 	type live struct {

@@ -42,7 +42,7 @@ type Store struct {
 	Now func() time.Time
 
 	lockFile *os.File
-	removals sync.WaitGroup // deleted segments being removed (dropOldest)
+	remover  *remover // removes deleted segments (dropOldest)
 
 	// mu guards the index, the queue of records for the writer, and the
 	// store's state. Lock order: mu, then segMu.
@@ -72,8 +72,11 @@ type Store struct {
 	// the kernel's writeback (fsync=interval and never), so that the fsync
 	// of a full segment when it rolls finds little left to write.
 	handedOff int64
-	compactAt int64     // next offset to look at in the oldest segment
-	prep      *preparer // nil with fsync=never
+	compactAt int64 // next offset to look at in the oldest segment
+	// compactVerify: compaction walks the oldest segment again, decoding
+	// and checking every record (compactStep).
+	compactVerify bool
+	prep          *preparer // nil with fsync=never
 	// preallocated: the active segment came full of zeros. When it did not
 	// (a new store, a repaired tail), the writer moves to a spare as soon
 	// as one is ready.
@@ -134,10 +137,7 @@ func Open(opts Options, log *zap.Logger) (*Store, error) {
 		wake: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{}),
 	}
 	os.Remove(filepath.Join(opts.Dir, spareName)) // left by a run that stopped
-	if err := removeTrash(opts.Dir); err != nil {
-		lock.Close()
-		return nil, fmt.Errorf("file store: %w", err)
-	}
+	removeTrash(opts.Dir, log)
 	if opts.Sync != SyncNever {
 		s.prep = newPreparer(opts.Dir, opts.SegmentSize)
 	}
@@ -148,6 +148,7 @@ func Open(opts Options, log *zap.Logger) (*Store, error) {
 		s.closeFiles()
 		return nil, fmt.Errorf("file store: %s: %w", opts.Dir, err)
 	}
+	s.remover = newRemover(log)
 	if s.prep != nil && !s.preallocated {
 		s.prep.request()
 	}
@@ -404,17 +405,18 @@ func (s *Store) run() {
 }
 
 // gatherBriefly yields to the goroutines that can run while the batch
-// grows, a few rounds at most.
+// grows, a few rounds and 50 µs at most.
 func (s *Store) gatherBriefly() {
 	s.mu.Lock()
 	n := s.batch.n
 	s.mu.Unlock()
+	start := time.Now()
 	for range 4 {
 		runtime.Gosched()
 		s.mu.Lock()
 		m := s.batch.n
 		s.mu.Unlock()
-		if m == n {
+		if m == n || time.Since(start) > 50*time.Microsecond {
 			return
 		}
 		n = m
@@ -738,7 +740,7 @@ func (s *Store) Close() error {
 	s.mu.Unlock()
 	close(s.stop)
 	<-s.done
-	s.removals.Wait()
+	s.remover.close()
 	if s.direct != nil {
 		s.direct.close()
 	}

@@ -2,6 +2,7 @@ package filestore
 
 import (
 	"context"
+	"encoding/binary"
 	"encoding/hex"
 	"os"
 	"path/filepath"
@@ -174,5 +175,65 @@ func TestCompactionSkipsFinishedRecordsUnread(t *testing.T) {
 		if want := faultBody(id, 1<<10); string(m.Body) != string(want) {
 			t.Fatalf("live message %s: body changed", id)
 		}
+	}
+}
+
+// A record damaged after the store opened, whose length now covers the
+// live save behind it, leads the quick walk past that save: compaction
+// notices the live message left behind and walks the segment again,
+// checking every record, which reports the damage. The segment is kept.
+func TestCompactionChecksASegmentItLeftLiveMessagesIn(t *testing.T) {
+	dir := t.TempDir()
+	mutate := func(o *Options) { o.SegmentSize, o.Sync = 64<<10, SyncNever }
+	s, logs, err := openObserved(dir, mutate)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	ctx := context.Background()
+	dead, live := protocol.MessageId(), protocol.MessageId()
+	for _, id := range []string{dead, live} {
+		if _, err := s.Save(ctx, faultMessage(id, true, time.Now().UnixMilli(), 1<<10)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.Delete(ctx, dead); err != nil {
+		t.Fatal(err)
+	}
+	finishRound(t, s, 60, 1<<10) // the log moves past the first segment
+	first := segmentFiles(t, dir)[0]
+	data, err := os.ReadFile(first)
+	if err != nil {
+		t.Fatal(err)
+	}
+	recs, _, _ := parseSegment(data)
+	if len(recs) < 2 || hex.EncodeToString(data[recs[1].off+9:recs[1].off+25]) != live {
+		t.Fatal("the first segment does not start with the two saves")
+	}
+	// The dead save's length now covers the live save too.
+	f, err := os.OpenFile(first, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	binary.LittleEndian.PutUint32(data[0:4], uint32(recs[0].size+recs[1].size-8))
+	if _, err := f.WriteAt(data[0:4], 0); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+
+	for deadline := time.Now().Add(10 * time.Second); logs.FilterMessage("file store compaction").Len() == 0; time.Sleep(maintainEvery) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the damage was not reported within 10 s; logged: %v", logs.All())
+		}
+		finishRound(t, s, 5, 100)
+	}
+	if logs.FilterMessage("file store: compaction left live messages in a segment; checking every record of it").Len() != 1 {
+		t.Fatalf("the second walk was not logged once: %v", logs.All())
+	}
+	if _, err := os.Stat(first); err != nil {
+		t.Fatalf("the segment with the live message is gone: %v", err)
+	}
+	if _, err := s.Get(ctx, live); err != nil {
+		t.Fatalf("the live message: %v", err)
 	}
 }
