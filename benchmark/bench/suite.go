@@ -25,6 +25,7 @@ type SuiteConfig struct {
 	Size       int
 	Duration   time.Duration // each throughput, latency and tx run
 	Rounds     int           // throughput runs of each system, tier and C; the report takes their median
+	Warmup     time.Duration // an unmeasured run on each server before its runs
 	Backlog    int           // the drain's
 	DrainWait  time.Duration
 	Dir        string // where the JSON and the charts go
@@ -51,15 +52,15 @@ func RunSuite(ctx context.Context, cfg SuiteConfig) ([]*Result, error) {
 		check = &natsCheck{Results: got, Server: info, Msgs: cfg.CheckMsgs, Rounds: cfg.CheckRounds}
 	}
 	// Round after round, each system in each tier runs every C, so that
-	// a noisy spell of the machine touches every system alike. Then, in
-	// as many rounds, the latency runs, at rates from the throughput
-	// medians; the first of them also runs the drain and KiteQ's
-	// transactions.
+	// a noisy spell of the machine touches every system alike; each round
+	// starts with another system. Then, in as many rounds, the latency
+	// runs, at rates from the throughput medians; the first of them also
+	// runs the drain and KiteQ's transactions.
 	rounds := max(cfg.Rounds, 1)
 	for round := 1; round <= rounds; round++ {
 		for _, tier := range cfg.Tiers {
-			for _, d := range cfg.Drivers {
-				got, err := onServer(ctx, d, tier, func(info ServerInfo) ([]*Result, error) {
+			for _, d := range rotate(cfg.Drivers, round-1) {
+				got, err := onServer(ctx, d, tier, cfg, func(info ServerInfo) ([]*Result, error) {
 					return runThroughput(ctx, d, info, tier, cfg, round)
 				})
 				rs = append(rs, got...)
@@ -72,8 +73,8 @@ func RunSuite(ctx context.Context, cfg SuiteConfig) ([]*Result, error) {
 	half := halfRates(Medians(rs))
 	for round := 1; round <= rounds; round++ {
 		for _, tier := range cfg.Tiers {
-			for _, d := range cfg.Drivers {
-				got, err := onServer(ctx, d, tier, func(info ServerInfo) ([]*Result, error) {
+			for _, d := range rotate(cfg.Drivers, round-1) {
+				got, err := onServer(ctx, d, tier, cfg, func(info ServerInfo) ([]*Result, error) {
 					return runOthers(ctx, d, info, tier, cfg, round, half)
 				})
 				rs = append(rs, got...)
@@ -93,15 +94,31 @@ func RunSuite(ctx context.Context, cfg SuiteConfig) ([]*Result, error) {
 	return rs, writeReport(cfg, rs, check, profiles)
 }
 
-// onServer starts d's server of tier, runs fn, and stops it. A system
-// without the tier runs nothing.
-func onServer(ctx context.Context, d Driver, tier Tier, fn func(ServerInfo) ([]*Result, error)) ([]*Result, error) {
+// rotate returns ds starting at its n-th (modulo its length).
+func rotate(ds []Driver, n int) []Driver {
+	n %= len(ds)
+	return append(slices.Clone(ds[n:]), ds[:n]...)
+}
+
+// onServer starts d's server of tier, warms it up, runs fn, and stops it.
+// A system without the tier runs nothing.
+func onServer(ctx context.Context, d Driver, tier Tier, cfg SuiteConfig, fn func(ServerInfo) ([]*Result, error)) ([]*Result, error) {
 	info, err := d.Start(ctx, tier)
 	if errors.Is(err, ErrTierUnsupported) {
 		return nil, nil
 	}
 	if err != nil {
 		return nil, fmt.Errorf("%s %s: %w", d.Name(), tier, err)
+	}
+	if cfg.Warmup > 0 {
+		// The first run on a fresh server pays for what its first
+		// messages start (connections, buffers, goroutines, caches).
+		warm := RunConfig{Workload: Throughput, Tier: tier, Publishers: slices.Max(cfg.Cs), Duration: cfg.Warmup}
+		warm.Size, warm.DrainWait = cfg.Size, cfg.DrainWait
+		if _, err := Run(ctx, d, info, fmt.Sprintf("%swarmup%d", tier, time.Now().UnixNano()%1e9), warm); err != nil {
+			d.Stop()
+			return nil, fmt.Errorf("%s %s: warm-up: %w", d.Name(), tier, err)
+		}
 	}
 	got, err := fn(info)
 	d.Stop()
@@ -345,9 +362,10 @@ func markdown(cfg SuiteConfig, all []*Result, check *natsCheck, profiles []behin
 		"within %v after the window; *backlog* is what was confirmed but not yet delivered when the window closed.\n\n", cfg.Size, cfg.DrainWait)
 
 	p("## Throughput\n\n")
-	p("Each system ran each tier and C %d times (%v windows), round after round, so that a noisy spell of the machine "+
-		"touches every system alike. Each row is the run with the median confirmed rate; *range* is the lowest and highest "+
-		"of the %d, and *lost* and *dup* add up every run. KiteQ's transactional run (tx) ran once.\n\n", rounds, cfg.Duration, rounds)
+	p("Each system ran each tier and C %d times (%v windows), round after round, each round starting with another system, "+
+		"so that a noisy spell of the machine touches every system alike; each server first ran an unmeasured %v warm-up "+
+		"at C=%d. Each row is the run with the median confirmed rate; *range* is the lowest and highest "+
+		"of the %d, and *lost* and *dup* add up every run. KiteQ's transactional run (tx) ran once.\n\n", rounds, cfg.Duration, cfg.Warmup, slices.Max(cfg.Cs), rounds)
 	p("| tier | system | C | published/s | range | delivered/s | backlog | lost | dup | e2e p50 | e2e p99 | broker CPU s | peak RSS |\n")
 	p("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 	var rows []*Result // by tier, then as they ran (the first round's order)

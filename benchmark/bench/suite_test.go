@@ -43,7 +43,7 @@ func TestSuiteRoundsAndReport(t *testing.T) {
 	report := filepath.Join(dir, "benchmarks.md")
 	cfg := SuiteConfig{
 		Drivers: []Driver{&KiteQ{Bin: kiteqBin(t)}, &NATS{Bin: natsBin(t)}},
-		Tiers:   []Tier{TierMemory}, Cs: []int{1, 8}, Size: 512, Duration: 700 * time.Millisecond, Rounds: 2,
+		Tiers:   []Tier{TierMemory}, Cs: []int{1, 8}, Size: 512, Duration: 700 * time.Millisecond, Rounds: 2, Warmup: 200 * time.Millisecond,
 		Backlog: 1000, DrainWait: 10 * time.Second, Dir: filepath.Join(dir, "out"), Markdown: report,
 		Command: "test", Progress: io.Discard,
 	}
@@ -83,6 +83,16 @@ func TestSuiteRoundsAndReport(t *testing.T) {
 		if (r.Workload == Throughput || r.Workload == Latency) && (r.Round < 1 || r.Round > 2) {
 			t.Fatalf("a %s run of round %d", r.Workload, r.Round)
 		}
+	}
+	// Each round starts with another system.
+	var firsts []string
+	for _, r := range rs {
+		if r.Workload == Throughput && len(firsts) < r.Round {
+			firsts = append(firsts, r.System)
+		}
+	}
+	if strings.Join(firsts, ",") != "kiteq,nats" {
+		t.Fatalf("the rounds started with %v, want kiteq then nats", firsts)
 	}
 	if latencyRuns != 2*(len(own)+len(common)) {
 		t.Fatalf("%d latency runs, want 2 rounds of the %d latency medians", latencyRuns, len(own)+len(common))

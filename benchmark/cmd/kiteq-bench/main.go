@@ -207,7 +207,8 @@ func printTable(rs []*bench.Result) {
 func suite(args []string) error {
 	fs := flag.NewFlagSet("kiteq-bench suite", flag.ContinueOnError)
 	f := addCommon(fs, 3*time.Second, 20000, 20*time.Second)
-	rounds := fs.Int("rounds", 3, "throughput runs of each system, tier and C; the report shows the median")
+	rounds := fs.Int("rounds", 3, "throughput and latency runs of each system, tier and C; the report shows the median")
+	warmup := fs.Duration("warmup", 500*time.Millisecond, "an unmeasured run on each server before its measured ones")
 	natsCLI := fs.String("nats-cli", "", "the nats CLI (natscli v0.5.0) for the nats bench check; empty skips it")
 	checkMsgs := fs.Int("check-msgs", 60000, "messages per round of the nats bench check")
 	checkRounds := fs.Int("check-rounds", 3, "alternating rounds of the nats bench check")
@@ -228,7 +229,7 @@ func suite(args []string) error {
 	}
 	start := time.Now()
 	rs, err := bench.RunSuite(ctx, bench.SuiteConfig{
-		Drivers: ds, Tiers: bench.Tiers, Cs: cs, Size: *f.size, Duration: *f.duration, Rounds: *rounds, Backlog: *f.backlog,
+		Drivers: ds, Tiers: bench.Tiers, Cs: cs, Size: *f.size, Duration: *f.duration, Rounds: *rounds, Warmup: *warmup, Backlog: *f.backlog,
 		DrainWait: *f.drainWait, Dir: *dir, Markdown: *out, Progress: os.Stderr, FsyncProbe: os.TempDir(),
 		NATSServer: *f.natsBin, NATSCLI: *natsCLI, CheckMsgs: *checkMsgs, CheckRounds: *checkRounds,
 		Command: "kiteq-bench suite " + strings.Join(args, " "),
