@@ -2,9 +2,10 @@ package broker
 
 import (
 	"net"
-	"runtime"
 	"sync"
 	"time"
+
+	"github.com/kiteq/kiteq/protocol"
 )
 
 // outbox is the write side of a connection. Packets are appended to a
@@ -53,7 +54,7 @@ func (o *outbox) run() {
 	for {
 		<-o.wake
 		for {
-			o.gather()
+			protocol.Gather(o.queued) // under load, one write for many packets
 			o.mu.Lock()
 			out := o.buf
 			closing := o.closing
@@ -86,33 +87,12 @@ func (o *outbox) run() {
 	}
 }
 
-// gather lets the goroutines that are about to append run first, while
-// the buffer keeps growing (a few rounds and 50 µs at most), so that under
-// load one write carries many packets. An idle connection loses nothing:
-// with no other goroutine to run, Gosched returns at once.
-func (o *outbox) gather() {
+// queued is the number of bytes waiting for the writer.
+func (o *outbox) queued() int {
 	o.mu.Lock()
-	n := len(o.buf)
-	o.mu.Unlock()
-	start := time.Now()
-	for range maxGatherRounds {
-		runtime.Gosched()
-		o.mu.Lock()
-		m := len(o.buf)
-		o.mu.Unlock()
-		if m == n || time.Since(start) > maxGather {
-			return
-		}
-		n = m
-	}
+	defer o.mu.Unlock()
+	return len(o.buf)
 }
-
-// maxGatherRounds and maxGather bound how long gather waits for more
-// packets.
-const (
-	maxGatherRounds = 4
-	maxGather       = 50 * time.Microsecond
-)
 
 // close stops accepting packets; the writer flushes what is buffered and
 // ends. It does not wait: see wait.

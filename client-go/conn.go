@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net"
-	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -337,7 +336,7 @@ func (cn *conn) writeLoop() {
 		case <-cn.closed:
 			return
 		}
-		cn.gather()
+		protocol.Gather(cn.queued) // under load, one write for many packets
 		cn.wmu.Lock()
 		buf := cn.wbuf
 		cn.wbuf = spare[:0]
@@ -355,34 +354,12 @@ func (cn *conn) writeLoop() {
 	}
 }
 
-// gather lets the goroutines about to queue packets run first, while the
-// write buffer keeps growing (a few rounds and 50 µs at most), so that
-// under load one write carries many packets. When nothing else is
-// runnable, Gosched returns at once and an idle connection waits for
-// nothing.
-func (cn *conn) gather() {
+// queued is the number of bytes waiting for the writer.
+func (cn *conn) queued() int {
 	cn.wmu.Lock()
-	n := len(cn.wbuf)
-	cn.wmu.Unlock()
-	start := time.Now()
-	for range maxGatherRounds {
-		runtime.Gosched()
-		cn.wmu.Lock()
-		m := len(cn.wbuf)
-		cn.wmu.Unlock()
-		if m == n || time.Since(start) > maxGather {
-			return
-		}
-		n = m
-	}
+	defer cn.wmu.Unlock()
+	return len(cn.wbuf)
 }
-
-// maxGatherRounds and maxGather bound how long gather waits for more
-// packets.
-const (
-	maxGatherRounds = 4
-	maxGather       = 50 * time.Microsecond
-)
 
 // writeMsg queues one packet. It fails with errConnClosed once the
 // connection is closed, or with ErrInvalidMessage when msg cannot be

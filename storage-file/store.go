@@ -404,23 +404,11 @@ func (s *Store) run() {
 	}
 }
 
-// gatherBriefly yields to the goroutines that can run while the batch
-// grows, a few rounds and 50 µs at most.
-func (s *Store) gatherBriefly() {
+// queued is the number of records waiting for the writer.
+func (s *Store) queued() int {
 	s.mu.Lock()
-	n := s.batch.n
-	s.mu.Unlock()
-	start := time.Now()
-	for range 4 {
-		runtime.Gosched()
-		s.mu.Lock()
-		m := s.batch.n
-		s.mu.Unlock()
-		if m == n || time.Since(start) > 50*time.Microsecond {
-			return
-		}
-		n = m
-	}
+	defer s.mu.Unlock()
+	return s.batch.n
 }
 
 // gather lets the next batch fill before it is written. The callers that
@@ -434,11 +422,12 @@ func (s *Store) gatherBriefly() {
 // callers take to queue their records. When none has come for
 // gatherSpin, it sleeps until the batch is full or the time is up.
 // With the other policies a write costs no fsync and the callers do not
-// wait for one: the writer only yields a few times while the batch grows,
-// which saves write calls under load and delays nobody when idle.
+// wait for one: the writer only yields a few times while the batch grows
+// (protocol.Gather), which saves write calls under load and delays nobody
+// when idle.
 func (s *Store) gather() {
 	if s.opts.Sync != SyncAlways {
-		s.gatherBriefly()
+		protocol.Gather(s.queued)
 		return
 	}
 	if s.lastBatch <= 1 {
