@@ -87,6 +87,9 @@ func RunSuite(ctx context.Context, cfg SuiteConfig) ([]*Result, error) {
 	if err := os.MkdirAll(cfg.Dir, 0o755); err != nil {
 		return rs, err
 	}
+	if err := clearOutputs(cfg.Dir); err != nil {
+		return rs, err
+	}
 	profiles, err := profileBehind(ctx, cfg, Medians(rs))
 	if err != nil {
 		return rs, fmt.Errorf("profile KiteQ where it is behind: %w", err)
@@ -98,6 +101,30 @@ func RunSuite(ctx context.Context, cfg SuiteConfig) ([]*Result, error) {
 func rotate(ds []Driver, n int) []Driver {
 	n %= len(ds)
 	return append(slices.Clone(ds[n:]), ds[:n]...)
+}
+
+// outputs are the files a suite writes beside its report.
+var outputs = []string{"results.json", "natscheck.json", "throughput-*.png", "latency*.png", "kiteq-*.pprof"}
+
+// clearOutputs removes what an earlier suite wrote to dir: a profile or a
+// chart it no longer makes would stay beside a report that does not name
+// it.
+func clearOutputs(dir string) error {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return err
+	}
+	for _, e := range entries {
+		for _, pattern := range outputs {
+			if ok, _ := filepath.Match(pattern, e.Name()); ok && e.Type().IsRegular() {
+				if err := os.Remove(filepath.Join(dir, e.Name())); err != nil {
+					return err
+				}
+				break
+			}
+		}
+	}
+	return nil
 }
 
 // onServer starts d's server of tier, warms it up, runs fn, and stops it.
@@ -429,7 +456,8 @@ func markdown(cfg SuiteConfig, all []*Result, check *natsCheck, profiles []behin
 	}
 	p("\n## KiteQ against the best peer\n\n")
 	p("Throughput ratio: KiteQ's confirmed msgs/s ÷ the best peer's at the same C. Latency ratio: the best peer's e2e p99 ÷ KiteQ's. " +
-		"Above 1.0, KiteQ is ahead.\n\n| tier | measure | KiteQ | best peer | ratio |\n|---|---|---:|---:|---:|\n")
+		"Drain ratio: KiteQ's drained msgs/s ÷ the best peer's (one run each). Above 1.0, KiteQ is ahead.\n\n" +
+		"| tier | measure | KiteQ | best peer | ratio |\n|---|---|---:|---:|---:|\n")
 	for _, tier := range cfg.Tiers {
 		for _, c := range cfg.Cs {
 			k, peer := find(rs, "kiteq", tier, Throughput, c), bestPeer(rs, tier, c)
@@ -458,6 +486,10 @@ func markdown(cfg SuiteConfig, all []*Result, check *natsCheck, profiles []behin
 			}
 			p("| %s | %s | %s | %s (%s) | %.2f |\n", tier, what, ms(k.EndToEnd.P99), ms(peer.EndToEnd.P99), peer.System,
 				peer.EndToEnd.P99/k.EndToEnd.P99)
+		}
+		if k, peer := find(rs, "kiteq", tier, Drain, 0), bestDrain(rs, tier); k != nil && peer != nil {
+			p("| %s | drained msgs/s, backlog of %d | %.0f | %.0f (%s) | %.2f |\n", tier, k.Published, k.DeliveredRate,
+				peer.DeliveredRate, peer.System, k.DeliveredRate/peer.DeliveredRate)
 		}
 	}
 	if len(profiles) > 0 {
@@ -524,6 +556,17 @@ func find(rs []*Result, system string, tier Tier, wl Workload, c int) *Result {
 		}
 	}
 	return nil
+}
+
+// bestDrain is the peer's drain of tier with the highest delivered rate.
+func bestDrain(rs []*Result, tier Tier) *Result {
+	var best *Result
+	for _, r := range rs {
+		if r.System != "kiteq" && r.Tier == tier && r.Workload == Drain && (best == nil || r.DeliveredRate > best.DeliveredRate) {
+			best = r
+		}
+	}
+	return best
 }
 
 func bestPeer(rs []*Result, tier Tier, c int) *Result {

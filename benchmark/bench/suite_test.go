@@ -47,6 +47,15 @@ func TestSuiteRoundsAndReport(t *testing.T) {
 		Backlog: 1000, DrainWait: 10 * time.Second, Dir: filepath.Join(dir, "out"), Markdown: report,
 		Command: "test", Progress: io.Discard,
 	}
+	// What an earlier suite left: removed; anything else: kept.
+	if err := os.MkdirAll(cfg.Dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []string{"kiteq-written-c9.pprof", "latency.png", "notes.txt"} {
+		if err := os.WriteFile(filepath.Join(cfg.Dir, f), []byte("x"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
 	rs, err := RunSuite(t.Context(), cfg)
 	if d := os.Getenv("KITEQ_BENCH_KEEP"); d != "" {
 		defer os.CopyFS(d, os.DirFS(dir))
@@ -130,7 +139,8 @@ func TestSuiteRoundsAndReport(t *testing.T) {
 	}
 	md := string(b)
 	for _, want := range []string{"| memory | kiteq | 1 |", "| memory | nats | 8 |", "ran each tier and C 2 times",
-		"| memory | msgs/s at C=8 |", "| memory | e2e p99 at 50% of its best |", "50% of its best"} {
+		"| memory | msgs/s at C=8 |", "| memory | e2e p99 at 50% of its best |", "50% of its best",
+		"| memory | drained msgs/s, backlog of 1000 |"} {
 		if !strings.Contains(md, want) {
 			t.Errorf("the report has no %q", want)
 		}
@@ -138,9 +148,14 @@ func TestSuiteRoundsAndReport(t *testing.T) {
 	if len(common) == 1 && !strings.Contains(md, "e2e p99, same rate") {
 		t.Error("the report has no ratio at the same rate")
 	}
-	for _, f := range []string{"results.json", "throughput-memory.png", "latency-memory.png"} {
+	for _, f := range []string{"results.json", "throughput-memory.png", "latency-memory.png", "notes.txt"} {
 		if _, err := os.Stat(filepath.Join(cfg.Dir, f)); err != nil {
 			t.Error(err)
+		}
+	}
+	for _, f := range []string{"kiteq-written-c9.pprof", "latency.png"} {
+		if _, err := os.Stat(filepath.Join(cfg.Dir, f)); !os.IsNotExist(err) {
+			t.Errorf("%s, from an earlier suite, is still there (%v)", f, err)
 		}
 	}
 }
