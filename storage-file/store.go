@@ -19,6 +19,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"math"
 	"os"
 	"path/filepath"
@@ -1024,8 +1025,9 @@ func (s *Store) Due(ctx context.Context, q storage.DueQuery) ([]*storage.Message
 	s.mu.Unlock()
 	defer s.segMu.RUnlock()
 	out := make([]*storage.Message, 0, len(es))
+	var w readWindow
 	for _, e := range es {
-		m, err := s.load(e)
+		m, err := s.loadFrom(&w, e)
 		if err != nil {
 			return nil, err
 		}
@@ -1094,8 +1096,9 @@ func (s *Store) DeadLetters(ctx context.Context, afterID string, limit int) ([]*
 	s.mu.Unlock()
 	defer s.segMu.RUnlock()
 	out := make([]*storage.DeadLetter, 0, len(ds))
+	var w readWindow
 	for _, d := range ds {
-		m, err := s.load(d.e)
+		m, err := s.loadFrom(&w, d.e)
 		if err != nil {
 			return nil, err
 		}
@@ -1106,12 +1109,18 @@ func (s *Store) DeadLetters(ctx context.Context, afterID string, limit int) ([]*
 
 // readRecord reads the record at p. The caller holds segMu for reading.
 func (s *Store) readRecord(p pos) (*record, error) {
+	return s.readRecordFrom(nil, p)
+}
+
+// readRecordFrom reads the record at p, through w when w is not nil. The
+// caller holds segMu for reading.
+func (s *Store) readRecordFrom(w *readWindow, p pos) (*record, error) {
 	seg := s.segs[p.seg]
 	if seg == nil {
 		return nil, fmt.Errorf("file store: segment %d is gone", p.seg)
 	}
 	buf := make([]byte, p.size)
-	if _, err := seg.f.ReadAt(buf, int64(p.off)); err != nil {
+	if err := w.readAt(seg, buf, p); err != nil {
 		return nil, fmt.Errorf("file store: read %s at %d: %w", seg.f.Name(), p.off, err)
 	}
 	n, crc, err := parseRecordHeader(buf)
@@ -1128,10 +1137,56 @@ func (s *Store) readRecord(p pos) (*record, error) {
 	return r, nil
 }
 
+// readWindow serves the reads of a page of messages from one larger read
+// of the segment at a time. A page's records lie close together (a
+// message's save, and the delivery record written when it waited, in the
+// order they came), so a page costs a few reads rather than one or two a
+// message: draining a backlog spent a tenth of its time in pread calls.
+// The records are copied out of the window, which no message keeps.
+type readWindow struct {
+	seg uint32
+	off int64
+	buf []byte
+}
+
+// readWindowSize is how much of a segment one read of a window takes.
+const readWindowSize = 256 << 10
+
+// readAt fills dst with the bytes of seg at p, from w's window (read
+// anew when it does not hold them), or directly when w is nil.
+func (w *readWindow) readAt(seg *segment, dst []byte, p pos) error {
+	off, end := int64(p.off), int64(p.off)+int64(len(dst))
+	if w == nil || len(dst) > readWindowSize/2 {
+		_, err := seg.f.ReadAt(dst, off)
+		return err
+	}
+	if w.buf == nil || w.seg != p.seg || off < w.off || end > w.off+int64(len(w.buf)) {
+		if cap(w.buf) < readWindowSize {
+			w.buf = make([]byte, readWindowSize)
+		}
+		n, err := seg.f.ReadAt(w.buf[:readWindowSize], off)
+		if n < len(dst) { // the segment ends in the window: io.EOF then
+			w.buf = w.buf[:0]
+			if err == nil {
+				err = io.ErrUnexpectedEOF
+			}
+			return err
+		}
+		w.seg, w.off, w.buf = p.seg, off, w.buf[:n]
+	}
+	copy(dst, w.buf[off-w.off:])
+	return nil
+}
+
 // load rebuilds the message of e from its records. The caller holds segMu
 // for reading.
 func (s *Store) load(e entry) (*storage.Message, error) {
-	sr, err := s.readRecord(e.save)
+	return s.loadFrom(nil, e)
+}
+
+// loadFrom is load, reading through w (see readWindow).
+func (s *Store) loadFrom(w *readWindow, e entry) (*storage.Message, error) {
+	sr, err := s.readRecordFrom(w, e.save)
 	if err != nil {
 		return nil, err
 	}
@@ -1146,7 +1201,7 @@ func (s *Store) load(e entry) (*storage.Message, error) {
 	m.DeliverCount = e.count
 	m.NextDeliverTime = fromMillis(e.next)
 	if e.delivery.size > 0 {
-		dr, err := s.readRecord(e.delivery)
+		dr, err := s.readRecordFrom(w, e.delivery)
 		if err != nil {
 			return nil, err
 		}
