@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"runtime/debug"
 	"strings"
 	"time"
 
@@ -139,6 +140,11 @@ func Main(args []string) int {
 		return 2
 	}
 	defer log.Sync()
+	if env := os.Getenv("GOGC"); env != "" {
+		log.Info("GOGC is set: -gc-percent is not used", zap.String("GOGC", env))
+	} else if o.GCPercent > 0 {
+		debug.SetGCPercent(o.GCPercent)
+	}
 	opts, err := AppOptions(o, log)
 	if err != nil {
 		log.Error("cannot start", zap.Error(err))

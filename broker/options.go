@@ -76,6 +76,14 @@ type Options struct {
 	Clock Clock
 	// ShutdownTimeout bounds a graceful stop.
 	ShutdownTimeout time.Duration
+	// GCPercent is the garbage collector's GOGC for the kiteq command
+	// (Main), unless the GOGC environment variable is set; 0 leaves the
+	// runtime's. A broker's live heap is small and its garbage is many
+	// small objects a message: at Go's 100 it collects every few
+	// milliseconds under load, which shows in latency (e2e p99 at 22,000
+	// msgs/s on 2 cores, median of 5: 3.2 ms at 100, 2.5 ms at 400). The
+	// heap may grow to (1 + GCPercent/100) times what is live.
+	GCPercent int
 }
 
 // DefaultOptions returns the options of a standalone broker on
@@ -101,6 +109,7 @@ func DefaultOptions() Options {
 		MaxPendingBytes:     256 << 20,
 		MaxDeliveryBytes:    256 << 20,
 		ShutdownTimeout:     10 * time.Second,
+		GCPercent:           400,
 	}
 }
 
@@ -133,6 +142,7 @@ func ParseFlags(args []string, output io.Writer) (Options, error) {
 	fs.IntVar(&o.TxCheckRate, "tx-check-rate", o.TxCheckRate, "most transaction checks per second sent to one producer group")
 	fs.DurationVar(&o.IdleTimeout, "idle-timeout", o.IdleTimeout, "close a connection silent for this long")
 	fs.DurationVar(&o.ShutdownTimeout, "shutdown-timeout", o.ShutdownTimeout, "bound on a graceful stop")
+	fs.IntVar(&o.GCPercent, "gc-percent", o.GCPercent, "the garbage collector's GOGC: the heap may grow to (1 + N/100) times what is live (0: Go's default; the GOGC environment variable wins)")
 	if err := fs.Parse(args); err != nil {
 		return o, err
 	}
@@ -169,6 +179,8 @@ func (o Options) Validate() error {
 		return errors.New("MaxLifetime and MaxPendingPublishes must be positive")
 	case o.MaxPendingBytes < int64(o.MaxBody):
 		return fmt.Errorf("-max-pending-bytes %d must be at least -max-body %d", o.MaxPendingBytes, o.MaxBody)
+	case o.GCPercent < 0:
+		return fmt.Errorf("-gc-percent %d must not be negative (0 leaves Go's default)", o.GCPercent)
 	case o.MaxDeliveryBytes < int64(o.MaxBody):
 		return fmt.Errorf("-max-delivery-bytes %d must be at least -max-body %d", o.MaxDeliveryBytes, o.MaxBody)
 	}

@@ -47,3 +47,19 @@ func equalDurations(a, b []time.Duration) bool {
 	}
 	return true
 }
+
+func TestGCPercentFlag(t *testing.T) {
+	o, err := ParseFlags(nil, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if o.GCPercent != 400 {
+		t.Fatalf("default -gc-percent %d, want 400", o.GCPercent)
+	}
+	if o, err = ParseFlags([]string{"-gc-percent=0"}, io.Discard); err != nil || o.GCPercent != 0 {
+		t.Fatalf("-gc-percent=0: %d, %v", o.GCPercent, err)
+	}
+	if _, err := ParseFlags([]string{"-gc-percent=-1"}, io.Discard); err == nil || !strings.Contains(err.Error(), "-gc-percent -1") {
+		t.Fatalf("-gc-percent=-1: %v, want an error naming it", err)
+	}
+}
