@@ -494,11 +494,17 @@ func markdown(cfg SuiteConfig, all []*Result, check *natsCheck, profiles []behin
 	}
 	if len(profiles) > 0 {
 		p("\n## Where KiteQ's time goes where it is behind\n\n")
-		p("For each tier where KiteQ's throughput is below the best peer's, the suite runs KiteQ again at the C where it is " +
-			"furthest behind and records the broker's CPU profile (its admin port's /debug/pprof/profile) for the run's " +
-			"window less a second; the machine's two cores also run the load generator.\n\n")
+		p("For each tier where KiteQ's throughput is below the best peer's, the suite runs KiteQ again at the C where it is "+
+			"furthest behind and records the broker's CPU profile (its admin port's /debug/pprof/profile) for the run's "+
+			"window less a second; where its drain is behind, it drains a backlog %d times larger and records the profile "+
+			"from the consumer's start for as long as the drain took before. The machine's two cores also run the load "+
+			"generator.\n\n", drainProfileBacklog)
 		for _, pr := range profiles {
-			p("### %s tier, C=%d: %.2f of the best peer ([%s](%s/%s))\n\n```\n%s```\n\n", pr.Tier, pr.C, pr.Ratio, pr.File, rel, pr.File, pr.Top)
+			what := fmt.Sprintf("C=%d", pr.C)
+			if pr.Workload == Drain {
+				what = fmt.Sprintf("drain of %d", pr.Backlog)
+			}
+			p("### %s tier, %s: %.2f of the best peer ([%s](%s/%s))\n\n```\n%s```\n\n", pr.Tier, what, pr.Ratio, pr.File, rel, pr.File, pr.Top)
 		}
 	}
 	if check != nil {

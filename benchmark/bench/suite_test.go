@@ -153,6 +153,22 @@ func TestSuiteRoundsAndReport(t *testing.T) {
 			t.Error(err)
 		}
 	}
+	// Where KiteQ is behind, the report has its profile.
+	med := Medians(rs)
+	if k, peer := find(med, "kiteq", TierMemory, Drain, 0), bestDrain(med, TierMemory); k.DeliveredRate < peer.DeliveredRate {
+		if !strings.Contains(md, "### memory tier, drain of 5000:") {
+			t.Error("KiteQ drained slower than NATS, and the report has no profile of its drain")
+		}
+		if _, err := os.Stat(filepath.Join(cfg.Dir, "kiteq-memory-drain.pprof")); err != nil {
+			t.Error(err)
+		}
+	}
+	for _, c := range cfg.Cs {
+		if k, peer := find(med, "kiteq", TierMemory, Throughput, c), bestPeer(med, TierMemory, c); k.PublishedRate < peer.PublishedRate &&
+			!strings.Contains(md, "### memory tier, C=") {
+			t.Errorf("KiteQ was behind at C=%d, and the report has no profile", c)
+		}
+	}
 	for _, f := range []string{"kiteq-written-c9.pprof", "latency.png"} {
 		if _, err := os.Stat(filepath.Join(cfg.Dir, f)); !os.IsNotExist(err) {
 			t.Errorf("%s, from an earlier suite, is still there (%v)", f, err)

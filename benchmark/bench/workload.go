@@ -42,6 +42,7 @@ type RunConfig struct {
 	ProgressTag string        // what the line starts with
 	Round       int           // which round of a suite (reported only)
 	CommonRate  bool          // a latency run at a rate shared by the tier's systems (reported only)
+	OnDrain     func()        // called as a drain's consumer starts (Drain)
 }
 
 // Result is what a run measured.
@@ -223,6 +224,9 @@ func Run(ctx context.Context, d Driver, info ServerInfo, name string, cfg RunCon
 	r.PublishedRate = float64(r.Published) / r.Seconds
 	if cfg.Workload == Drain {
 		// The backlog is in; now consume it, timed.
+		if cfg.OnDrain != nil {
+			cfg.OnDrain()
+		}
 		drainStart := time.Now()
 		if err := consume(consCtx); err != nil {
 			return nil, err
