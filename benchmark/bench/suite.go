@@ -24,7 +24,7 @@ type SuiteConfig struct {
 	Cs         []int
 	Size       int
 	Duration   time.Duration // each throughput, latency and tx run
-	Rounds     int           // throughput runs of each system, tier and C; the report takes their median
+	Rounds     int           // throughput and latency runs of each cell; the report takes their median
 	Warmup     time.Duration // an unmeasured run on each server before its runs
 	Backlog    int           // the drain's
 	DrainWait  time.Duration
@@ -310,7 +310,18 @@ func runOne(ctx context.Context, d Driver, info ServerInfo, cfg SuiteConfig, rc 
 	if cfg.Rounds > 1 && (rc.Workload == Throughput || rc.Workload == Latency) {
 		rc.ProgressTag = fmt.Sprintf("%s round %d/%d", rc.ProgressTag, rc.Round, cfg.Rounds)
 	}
-	return Run(ctx, d, info, fmt.Sprintf("%s%s%d", rc.Tier, rc.Workload, time.Now().UnixNano()%1e9), rc)
+	r, err := Run(ctx, d, info, fmt.Sprintf("%s%s%d", rc.Tier, rc.Workload, time.Now().UnixNano()%1e9), rc)
+	if first := err; err != nil && ctx.Err() == nil {
+		// A server that fails one run (JetStream has refused to create a
+		// stream, now and then, on this machine) gets one more try; the
+		// report says so.
+		fmt.Fprintf(cfg.Progress, "%s: %v; running it again\n", rc.ProgressTag, err)
+		time.Sleep(time.Second)
+		if r, err = Run(ctx, d, info, fmt.Sprintf("%s%s%d", rc.Tier, rc.Workload, time.Now().UnixNano()%1e9), rc); r != nil {
+			r.Retried = first.Error()
+		}
+	}
+	return r, err
 }
 
 func writeReport(cfg SuiteConfig, rs []*Result, check *natsCheck, profiles []behindProfile) error {
@@ -520,6 +531,18 @@ func markdown(cfg SuiteConfig, all []*Result, check *natsCheck, profiles []behin
 				ok = "**no**"
 			}
 			p("| %d | %.0f | %.0f | %.2f | %s |\n", r.Publishers, median(r.Tool), median(r.NATSBench), r.Ratio, ok)
+		}
+	}
+	var retried []string
+	for _, r := range all {
+		if r.Retried != "" {
+			retried = append(retried, fmt.Sprintf("%s %s %s C=%d (first try: %s)", r.System, r.Tier, r.Workload, r.Publishers, r.Retried))
+		}
+	}
+	if len(retried) > 0 {
+		p("\n## Runs that failed once\n\nThese runs failed and ran again on the same server; the tables show the second try.\n\n")
+		for _, r := range retried {
+			p("- %s\n", r)
 		}
 	}
 	p("\n## Charts\n\n")

@@ -56,7 +56,8 @@ type Result struct {
 	Rate       float64    `json:"offeredRate,omitempty"`
 	CommonRate bool       `json:"commonRate,omitempty"` // Rate is the lowest of the tier's half rates, not this system's
 	Round      int        `json:"round,omitempty"`
-	Seconds    float64    `json:"seconds"` // the publishing window
+	Retried    string     `json:"retried,omitempty"` // why the run's first try failed (a suite tries twice)
+	Seconds    float64    `json:"seconds"`           // the publishing window
 
 	Published      int64     `json:"published"` // confirmed
 	PublishErrors  int64     `json:"publishErrors"`
