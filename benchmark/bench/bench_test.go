@@ -57,3 +57,19 @@ func TestSeenCountsUniqueAndDuplicates(t *testing.T) {
 		t.Fatalf("count: %d unique, %d duplicates; want 3, 2", n, dups)
 	}
 }
+
+func TestFlagValueTakesTheLast(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{nil, ""},
+		{[]string{"-pport=1", "-db=memory://"}, "memory://"},
+		{[]string{"--db=a", "-db", "mysql://root@127.0.0.1/kiteq"}, "mysql://root@127.0.0.1/kiteq"},
+		{[]string{"-dbx=a", "-db"}, ""},
+	} {
+		if got := flagValue(tc.args, "db"); got != tc.want {
+			t.Errorf("flagValue(%q) = %q, want %q", tc.args, got, tc.want)
+		}
+	}
+}

@@ -67,6 +67,9 @@ func (k *KiteQ) Start(ctx context.Context, tier Tier) (ServerInfo, error) {
 	if rev := gitRevision(); rev != "" {
 		version += " " + rev + " (this checkout)"
 	}
+	if v := flagValue(k.Args, "db"); v != "" {
+		db = v // a -db in Args wins: the broker takes the last
+	}
 	return ServerInfo{System: "kiteq", Version: version, Config: "-db=" + strings.ReplaceAll(db, dir, "<temp dir>"), PID: p.pid()}, nil
 }
 
@@ -209,6 +212,21 @@ func (t *kiteqTarget) Close() error {
 // transaction commits at once: the store-ack, then the commit.
 func (t *kiteqTarget) SendTx(body []byte) error {
 	return t.prod.SendTxBytesMessage(t.message(body), func(*protocol.BytesMessage) (bool, error) { return true, nil })
+}
+
+// flagValue is the last value of flag name in args (-name=v, --name=v,
+// -name v), or "".
+func flagValue(args []string, name string) string {
+	v := ""
+	for i, a := range args {
+		a = strings.TrimPrefix(strings.TrimPrefix(a, "-"), "-")
+		if val, ok := strings.CutPrefix(a, name+"="); ok {
+			v = val
+		} else if a == name && i+1 < len(args) {
+			v = args[i+1]
+		}
+	}
+	return v
 }
 
 // gitRevision is the commit of the checkout the tool runs in, with

@@ -40,7 +40,7 @@ func run(args []string) error {
 	f := addCommon(fs, 5*time.Second, 100000, 30*time.Second)
 	rate := fs.Float64("rate", 1000, "messages per second offered (latency)")
 	connPer := fs.Bool("conn-per-publisher", false, "a connection per publisher (as nats bench does), not one shared by all")
-	kiteqFlags := fs.String("kiteq-flags", "", "more flags for the kiteq broker, space-separated (e.g. -pport=13801 to profile it)")
+	kiteqFlags := fs.String("kiteq-flags", "", "more flags for the kiteq broker, space-separated (e.g. -pport=13801 to profile it, or a -db= other than the tier's)")
 	out := fs.String("json", "", "write the results to this JSON file")
 	cpuProfile := fs.String("cpuprofile", "", "write kiteq-bench's own CPU profile (the clients' side) to this file")
 	ctx, cancel, cs, err := f.parse(fs, args)
