@@ -1025,9 +1025,9 @@ func (s *Store) Due(ctx context.Context, q storage.DueQuery) ([]*storage.Message
 	s.mu.Unlock()
 	defer s.segMu.RUnlock()
 	out := make([]*storage.Message, 0, len(es))
-	var w readWindow
+	w := newPageWindows(es)
 	for _, e := range es {
-		m, err := s.loadFrom(&w, e)
+		m, err := s.loadFrom(w, e)
 		if err != nil {
 			return nil, err
 		}
@@ -1096,9 +1096,13 @@ func (s *Store) DeadLetters(ctx context.Context, afterID string, limit int) ([]*
 	s.mu.Unlock()
 	defer s.segMu.RUnlock()
 	out := make([]*storage.DeadLetter, 0, len(ds))
-	var w readWindow
+	es := make([]entry, len(ds))
+	for i, d := range ds {
+		es[i] = d.e
+	}
+	w := newPageWindows(es)
 	for _, d := range ds {
-		m, err := s.loadFrom(&w, d.e)
+		m, err := s.loadFrom(w, d.e)
 		if err != nil {
 			return nil, err
 		}
@@ -1138,25 +1142,51 @@ func (s *Store) readRecordFrom(w *readWindow, p pos) (*record, error) {
 }
 
 // readWindow serves the reads of a page of messages from one larger read
-// of the segment at a time. A page's records lie close together (a
+// of the segment at a time. A page's records often lie close together (a
 // message's save, and the delivery record written when it waited, in the
 // order they came), so a page costs a few reads rather than one or two a
 // message: draining a backlog spent a tenth of its time in pread calls.
-// The records are copied out of the window, which no message keeps.
+// A read goes no further than the page's last record in that segment
+// (ends): never over what the writer may be writing (with direct I/O a
+// buffered read there could leave stale pages behind), and no more than
+// the page needs. The records are copied out of the window, which no
+// message keeps.
 type readWindow struct {
-	seg uint32
-	off int64
-	buf []byte
+	ends map[uint32]int64 // the end of the page's last record in each segment
+	seg  uint32
+	off  int64
+	buf  []byte
 }
 
-// readWindowSize is how much of a segment one read of a window takes.
+// readWindowSize is the most one read of a window takes.
 const readWindowSize = 256 << 10
+
+// pageWindows are the windows of one page: saves and delivery records
+// each have their own, as a message's delivery record may lie far from
+// its save.
+type pageWindows struct{ saves, deliveries readWindow }
+
+// newPageWindows returns the windows for a page of entries; the caller
+// took them from the index under mu.
+func newPageWindows(es []entry) *pageWindows {
+	ends := make(map[uint32]int64)
+	note := func(p pos) {
+		if p.size > 0 {
+			ends[p.seg] = max(ends[p.seg], int64(p.off)+int64(p.size))
+		}
+	}
+	for _, e := range es {
+		note(e.save)
+		note(e.delivery)
+	}
+	return &pageWindows{saves: readWindow{ends: ends}, deliveries: readWindow{ends: ends}}
+}
 
 // readAt fills dst with the bytes of seg at p, from w's window (read
 // anew when it does not hold them), or directly when w is nil.
 func (w *readWindow) readAt(seg *segment, dst []byte, p pos) error {
 	off, end := int64(p.off), int64(p.off)+int64(len(dst))
-	if w == nil || len(dst) > readWindowSize/2 {
+	if w == nil || len(dst) > readWindowSize/2 || w.ends[p.seg] < end {
 		_, err := seg.f.ReadAt(dst, off)
 		return err
 	}
@@ -1164,8 +1194,8 @@ func (w *readWindow) readAt(seg *segment, dst []byte, p pos) error {
 		if cap(w.buf) < readWindowSize {
 			w.buf = make([]byte, readWindowSize)
 		}
-		n, err := seg.f.ReadAt(w.buf[:readWindowSize], off)
-		if n < len(dst) { // the segment ends in the window: io.EOF then
+		n, err := seg.f.ReadAt(w.buf[:min(readWindowSize, w.ends[p.seg]-off)], off)
+		if n < len(dst) {
 			w.buf = w.buf[:0]
 			if err == nil {
 				err = io.ErrUnexpectedEOF
@@ -1184,9 +1214,13 @@ func (s *Store) load(e entry) (*storage.Message, error) {
 	return s.loadFrom(nil, e)
 }
 
-// loadFrom is load, reading through w (see readWindow).
-func (s *Store) loadFrom(w *readWindow, e entry) (*storage.Message, error) {
-	sr, err := s.readRecordFrom(w, e.save)
+// loadFrom is load, reading through the windows of a page (nil: none).
+func (s *Store) loadFrom(w *pageWindows, e entry) (*storage.Message, error) {
+	var saves, deliveries *readWindow
+	if w != nil {
+		saves, deliveries = &w.saves, &w.deliveries
+	}
+	sr, err := s.readRecordFrom(saves, e.save)
 	if err != nil {
 		return nil, err
 	}
@@ -1201,7 +1235,7 @@ func (s *Store) loadFrom(w *readWindow, e entry) (*storage.Message, error) {
 	m.DeliverCount = e.count
 	m.NextDeliverTime = fromMillis(e.next)
 	if e.delivery.size > 0 {
-		dr, err := s.readRecordFrom(w, e.delivery)
+		dr, err := s.readRecordFrom(deliveries, e.delivery)
 		if err != nil {
 			return nil, err
 		}

@@ -96,12 +96,17 @@ func watchProc(pid int) *procWatch {
 	return w
 }
 
-// end stops sampling and returns the usage since watchProc.
+// end stops sampling and returns the usage since watchProc. A second end
+// only reads the CPU time again.
 func (w *procWatch) end() Usage {
 	if w == nil {
 		return Usage{}
 	}
-	close(w.stop)
+	select {
+	case <-w.stop: // ended already
+	default:
+		close(w.stop)
+	}
 	<-w.done
 	u := Usage{PeakRSSBytes: w.peak}
 	if cpu, err := cpuSeconds(w.pid); err == nil {

@@ -142,8 +142,15 @@ func Run(ctx context.Context, d Driver, info ServerInfo, name string, cfg RunCon
 		})
 	}
 	watch := watchProc(info.PID)
+	defer watch.end() // a run that fails stops sampling too
 	consCtx, stopCons := context.WithCancel(ctx)
 	defer stopCons()
+	// Publishers stop with runCtx: a run that fails part way leaves none
+	// publishing (the suite may run it again on the same server).
+	runCtx, stopRun := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer stopRun()
 
 	if cfg.Workload != Drain {
 		if err := consume(consCtx); err != nil {
@@ -168,18 +175,17 @@ func Run(ctx context.Context, d Driver, info ServerInfo, name string, cfg RunCon
 	start := time.Now()
 	deadline := start.Add(window)
 	progress := startProgress(cfg, start, &published, &errs, &delivered, &e2e)
-	var wg sync.WaitGroup
+	defer progress.stop()
 	var ticket atomic.Int64 // Latency: the next send slot
 	for range max(cfg.Publishers, 1) {
-		pub, err := target.Publisher(ctx)
+		pub, err := target.Publisher(runCtx)
 		if err != nil {
-			progress.stop()
 			return nil, err
 		}
 		wg.Go(func() {
 			defer pub.Close()
 			var buf []byte
-			for ctx.Err() == nil {
+			for runCtx.Err() == nil {
 				intended := time.Now()
 				switch cfg.Workload {
 				case Latency:
@@ -206,7 +212,7 @@ func Run(ctx context.Context, d Driver, info ServerInfo, name string, cfg RunCon
 				if tx != nil {
 					err = tx(buf)
 				} else {
-					err = pub.Publish(ctx, buf)
+					err = pub.Publish(runCtx, buf)
 				}
 				if err != nil {
 					errs.Add(1)
