@@ -82,7 +82,9 @@ type Options struct {
 	// small objects a message: at Go's 100 it collects every few
 	// milliseconds under load, which shows in latency (e2e p99 at 22,000
 	// msgs/s on 2 cores, median of 5: 3.2 ms at 100, 2.5 ms at 400). The
-	// heap may grow to (1 + GCPercent/100) times what is live.
+	// heap may grow to (1 + GCPercent/100) times what is live: with
+	// memory:// the stored messages are live too, and where memory is
+	// tight a lower value, or GOMEMLIMIT, bounds it.
 	GCPercent int
 }
 

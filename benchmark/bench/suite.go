@@ -41,6 +41,9 @@ type SuiteConfig struct {
 
 // RunSuite runs the suite and writes its report.
 func RunSuite(ctx context.Context, cfg SuiteConfig) ([]*Result, error) {
+	if cfg.Progress == nil {
+		cfg.Progress = io.Discard
+	}
 	var rs []*Result
 	var check *natsCheck
 	if cfg.NATSCLI != "" {
@@ -90,11 +93,14 @@ func RunSuite(ctx context.Context, cfg SuiteConfig) ([]*Result, error) {
 	if err := clearOutputs(cfg.Dir); err != nil {
 		return rs, err
 	}
-	profiles, err := profileBehind(ctx, cfg, Medians(rs))
-	if err != nil {
-		return rs, fmt.Errorf("profile KiteQ where it is behind: %w", err)
+	profiles, perr := profileBehind(ctx, cfg, Medians(rs))
+	if err := writeReport(cfg, rs, check, profiles); err != nil {
+		return rs, err
 	}
-	return rs, writeReport(cfg, rs, check, profiles)
+	if perr != nil { // the report has the runs and the profiles taken
+		return rs, fmt.Errorf("profile KiteQ where it is behind: %w", perr)
+	}
+	return rs, nil
 }
 
 // rotate returns ds starting at its n-th (modulo its length).
@@ -399,11 +405,14 @@ func markdown(cfg SuiteConfig, all []*Result, check *natsCheck, profiles []behin
 		"one consumer acknowledges each delivery. *Lost* counts confirmed messages never delivered (by unique sequence number) "+
 		"within %v after the window; *backlog* is what was confirmed but not yet delivered when the window closed.\n\n", cfg.Size, cfg.DrainWait)
 
+	warmup := ""
+	if cfg.Warmup > 0 {
+		warmup = fmt.Sprintf("; each server first ran an unmeasured %v warm-up at C=%d", cfg.Warmup, slices.Max(cfg.Cs))
+	}
 	p("## Throughput\n\n")
 	p("Each system ran each tier and C %d times (%v windows), round after round, each round starting with another system, "+
-		"so that a noisy spell of the machine touches every system alike; each server first ran an unmeasured %v warm-up "+
-		"at C=%d. Each row is the run with the median confirmed rate; *range* is the lowest and highest "+
-		"of the %d, and *lost* and *dup* add up every run. KiteQ's transactional run (tx) ran once.\n\n", rounds, cfg.Duration, cfg.Warmup, slices.Max(cfg.Cs), rounds)
+		"so that a noisy spell of the machine touches every system alike%s. Each row is the run with the median confirmed rate; *range* is the lowest and highest "+
+		"of the %d, and *lost* and *dup* add up every run. KiteQ's transactional run (tx) ran once.\n\n", rounds, cfg.Duration, warmup, rounds)
 	p("| tier | system | C | published/s | range | delivered/s | backlog | lost | dup | e2e p50 | e2e p99 | broker CPU s | peak RSS |\n")
 	p("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 	var rows []*Result // by tier, then as they ran (the first round's order)
@@ -508,8 +517,8 @@ func markdown(cfg SuiteConfig, all []*Result, check *natsCheck, profiles []behin
 		p("For each tier where KiteQ's throughput is below the best peer's, the suite runs KiteQ again at the C where it is "+
 			"furthest behind and records the broker's CPU profile (its admin port's /debug/pprof/profile) for the run's "+
 			"window less a second; where its drain is behind, it drains a backlog %d times larger and records the profile "+
-			"from the consumer's start for as long as the drain took before. The machine's two cores also run the load "+
-			"generator.\n\n", drainProfileBacklog)
+			"from the consumer's start for as long as that drain should take at the rate measured before (in whole seconds, "+
+			"at least one). The machine's two cores also run the load generator.\n\n", drainProfileBacklog)
 		for _, pr := range profiles {
 			what := fmt.Sprintf("C=%d", pr.C)
 			if pr.Workload == Drain {
