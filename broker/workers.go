@@ -26,15 +26,19 @@ type workers struct {
 	mu      sync.Mutex
 	idle    []*worker // the most recently idle last: it is reused first
 	stopped bool
+	// now is the time of the last trim, which the workers that go idle
+	// take as their idle time: no clock read for each task, and trim
+	// runs often (every sweep) next to idleAfter.
+	now time.Time
 }
 
 type worker struct {
 	tasks chan func() // a nil task ends the worker
-	since time.Time   // idle since
+	since time.Time   // idle since (the last trim before)
 }
 
 func newWorkers(idleAfter time.Duration) *workers {
-	return &workers{idleAfter: idleAfter}
+	return &workers{idleAfter: idleAfter, now: time.Now()}
 }
 
 // Go runs fn on an idle worker, or on a new one.
@@ -60,7 +64,7 @@ func (p *workers) work(w *worker, fn func()) {
 			p.mu.Unlock()
 			return
 		}
-		w.since = time.Now()
+		w.since = p.now
 		p.idle = append(p.idle, w)
 		p.mu.Unlock()
 		fn = <-w.tasks
@@ -71,6 +75,7 @@ func (p *workers) work(w *worker, fn func()) {
 func (p *workers) trim(now time.Time) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	p.now = now
 	n := 0
 	for n < len(p.idle) && now.Sub(p.idle[n].since) > p.idleAfter {
 		p.idle[n].tasks <- nil

@@ -59,33 +59,32 @@ func RunSuite(ctx context.Context, cfg SuiteConfig) ([]*Result, error) {
 	// starts with another system. Then, in as many rounds, the latency
 	// runs, at rates from the throughput medians; the first of them also
 	// runs the drain and KiteQ's transactions.
-	rounds := max(cfg.Rounds, 1)
-	for round := 1; round <= rounds; round++ {
-		for _, tier := range cfg.Tiers {
-			for _, d := range rotate(cfg.Drivers, round-1) {
-				got, err := onServer(ctx, d, tier, cfg, func(info ServerInfo) ([]*Result, error) {
-					return runThroughput(ctx, d, info, tier, cfg, round)
-				})
-				rs = append(rs, got...)
-				if err != nil {
-					return rs, err
+	inRounds := func(run func(d Driver, info ServerInfo, tier Tier, round int) ([]*Result, error)) error {
+		for round := 1; round <= max(cfg.Rounds, 1); round++ {
+			for _, tier := range cfg.Tiers {
+				for _, d := range rotate(cfg.Drivers, round-1) {
+					got, err := onServer(ctx, d, tier, cfg, func(info ServerInfo) ([]*Result, error) {
+						return run(d, info, tier, round)
+					})
+					rs = append(rs, got...)
+					if err != nil {
+						return err
+					}
 				}
 			}
 		}
+		return nil
+	}
+	if err := inRounds(func(d Driver, info ServerInfo, tier Tier, round int) ([]*Result, error) {
+		return runThroughput(ctx, d, info, tier, cfg, round)
+	}); err != nil {
+		return rs, err
 	}
 	half := halfRates(Medians(rs))
-	for round := 1; round <= rounds; round++ {
-		for _, tier := range cfg.Tiers {
-			for _, d := range rotate(cfg.Drivers, round-1) {
-				got, err := onServer(ctx, d, tier, cfg, func(info ServerInfo) ([]*Result, error) {
-					return runOthers(ctx, d, info, tier, cfg, round, half)
-				})
-				rs = append(rs, got...)
-				if err != nil {
-					return rs, err
-				}
-			}
-		}
+	if err := inRounds(func(d Driver, info ServerInfo, tier Tier, round int) ([]*Result, error) {
+		return runOthers(ctx, d, info, tier, cfg, round, half)
+	}); err != nil {
+		return rs, err
 	}
 	if err := os.MkdirAll(cfg.Dir, 0o755); err != nil {
 		return rs, err
@@ -227,17 +226,26 @@ func medianRun(rs []*Result) *Result {
 	return sorted[(len(sorted)-1)/2]
 }
 
-// spread is the lowest and highest of value over the rounds of r (the
-// runs like it, r's too), and their number.
-func spread(rs []*Result, r *Result, value func(*Result) float64) (lo, hi float64, n int) {
+// roundsOf are the rounds of r: the runs of rs like it, r too.
+func roundsOf(rs []*Result, r *Result) []*Result {
+	var out []*Result
 	for _, o := range rs {
 		if keyOf(o) == keyOf(r) {
-			if v := value(o); n == 0 || v < lo {
-				lo = v
-			}
-			hi = max(hi, value(o))
-			n++
+			out = append(out, o)
 		}
+	}
+	return out
+}
+
+// spread is the lowest and highest of value over the rounds of r, and
+// their number.
+func spread(rs []*Result, r *Result, value func(*Result) float64) (lo, hi float64, n int) {
+	for i, o := range roundsOf(rs, r) {
+		if v := value(o); i == 0 || v < lo {
+			lo = v
+		}
+		hi = max(hi, value(o))
+		n++
 	}
 	return lo, hi, n
 }
@@ -431,10 +439,8 @@ func markdown(cfg SuiteConfig, all []*Result, check *natsCheck, profiles []behin
 			lo, hi, _ := spread(all, r, publishedRate)
 			span = fmt.Sprintf("%.0f–%.0f", lo, hi)
 			lost, dup = 0, 0
-			for _, o := range all {
-				if keyOf(o) == keyOf(r) {
-					lost, dup = lost+o.Lost, dup+o.Duplicates
-				}
+			for _, o := range roundsOf(all, r) {
+				lost, dup = lost+o.Lost, dup+o.Duplicates
 			}
 		}
 		p("| %s | %s | %d | %.0f | %s | %.0f | %d | %d | %d | %s | %s | %.1f | %s |\n", r.Tier, label, r.Publishers, r.PublishedRate,
@@ -458,10 +464,8 @@ func markdown(cfg SuiteConfig, all []*Result, check *natsCheck, profiles []behin
 			}
 			lo, hi, _ := spread(all, r, p99)
 			lost := int64(0)
-			for _, o := range all {
-				if keyOf(o) == keyOf(r) {
-					lost += o.Lost
-				}
+			for _, o := range roundsOf(all, r) {
+				lost += o.Lost
 			}
 			p("| %s | %s | %s | %.0f | %.0f | %s | %s | %s–%s | %s | %s | %d |\n", r.Tier, r.System, load, r.Rate, r.DeliveredRate,
 				ms(r.EndToEnd.P50), ms(r.EndToEnd.P99), strings.TrimSuffix(ms(lo), " ms"), ms(hi), ms(r.EndToEnd.P999),
@@ -596,22 +600,24 @@ func find(rs []*Result, system string, tier Tier, wl Workload, c int) *Result {
 	return nil
 }
 
-// bestDrain is the peer's drain of tier with the highest delivered rate.
-func bestDrain(rs []*Result, tier Tier) *Result {
-	var best *Result
-	for _, r := range rs {
-		if r.System != "kiteq" && r.Tier == tier && r.Workload == Drain && (best == nil || r.DeliveredRate > best.DeliveredRate) {
-			best = r
-		}
-	}
-	return best
+// bestPeer is the peer's throughput run of tier at C=c with the highest
+// confirmed rate; bestDrain, its drain of tier with the highest delivered
+// rate.
+func bestPeer(rs []*Result, tier Tier, c int) *Result {
+	return bestOf(rs, tier, Throughput, c, publishedRate)
 }
 
-func bestPeer(rs []*Result, tier Tier, c int) *Result {
+func bestDrain(rs []*Result, tier Tier) *Result {
+	return bestOf(rs, tier, Drain, 0, func(r *Result) float64 { return r.DeliveredRate })
+}
+
+// bestOf is the peer's run of tier and wl (at C=c, unless 0) with the
+// highest value.
+func bestOf(rs []*Result, tier Tier, wl Workload, c int, value func(*Result) float64) *Result {
 	var best *Result
 	for _, r := range rs {
-		if r.System != "kiteq" && r.Tier == tier && r.Workload == Throughput && r.Publishers == c &&
-			(best == nil || r.PublishedRate > best.PublishedRate) {
+		if r.System != "kiteq" && r.Tier == tier && r.Workload == wl && (c == 0 || r.Publishers == c) &&
+			(best == nil || value(r) > value(best)) {
 			best = r
 		}
 	}
