@@ -170,3 +170,33 @@ func TestMessageIdUniqueAcrossProcesses(t *testing.T) {
 		t.Fatalf("%d distinct ids, want %d", len(seen), (children+1)*childIds)
 	}
 }
+
+// TestMessageIdUnguessable checks that an id says nothing of the next one:
+// after the seconds, consecutive ids share no more than chance would have
+// them share (no per-process prefix, no counter).
+func TestMessageIdUnguessable(t *testing.T) {
+	const n = 2000
+	prev := MessageId()
+	sameBytes, counterSteps := 0, 0
+	for i := 0; i < n; i++ {
+		id := MessageId()
+		a, b := prev[8:], id[8:]
+		for j := 0; j+2 <= len(a); j += 2 {
+			if a[j:j+2] == b[j:j+2] {
+				sameBytes++
+			}
+		}
+		if a[:16] == b[:16] {
+			counterSteps++ // the same 8 bytes in a row: a fixed part
+		}
+		prev = id
+	}
+	// 12 random bytes a pair: one byte in 256 is equal by chance, so about
+	// 94 in 2000 pairs; a fixed 8-byte part would make it 16,000 or more.
+	if sameBytes > 300 {
+		t.Fatalf("consecutive ids share %d of %d random bytes: ids have a predictable part", sameBytes, 12*n)
+	}
+	if counterSteps > 0 {
+		t.Fatalf("%d of %d consecutive ids share 8 bytes after the seconds", counterSteps, n)
+	}
+}

@@ -29,6 +29,9 @@ var (
 	ErrClosed = errors.New("storage: store is closed")
 	// ErrInvalid: the message cannot be stored as it is.
 	ErrInvalid = errors.New("storage: invalid message")
+	// ErrConflict: Save of an id that the store holds for another message
+	// (another producer group or other content: their Digests differ).
+	ErrConflict = errors.New("storage: message id already used by another message")
 )
 
 // Message is a stored message: the header and body as the producer sent
@@ -39,6 +42,11 @@ type Message struct {
 	Cmd    protocol.CmdType
 	Header *protocol.Header
 	Body   []byte
+	// Digest identifies the message's producer and content (Digest, below),
+	// so that a second Save of its id is told apart from another message
+	// that reuses the id. Nil when unknown: a message stored before digests
+	// existed matches any.
+	Digest []byte
 
 	// Committed is false for a transactional message with no decision yet.
 	Committed bool
@@ -110,6 +118,7 @@ func (m *Message) Clone() *Message {
 	c := *m
 	c.Header = protocol.CloneHeader(m.Header)
 	c.Body = append([]byte(nil), m.Body...)
+	c.Digest = append([]byte(nil), m.Digest...)
 	c.SuccGroups = append([]string(nil), m.SuccGroups...)
 	c.FailGroups = append([]string(nil), m.FailGroups...)
 	c.FailCounts = append([]int32(nil), m.FailCounts...)
@@ -209,8 +218,11 @@ type DeadLetter struct {
 // them. Implementations are safe for concurrent use. A method that returns
 // nil has made its change as durable as the store promises.
 type Store interface {
-	// Save stores a new message. Saving an id that already exists changes
-	// nothing and reports stored == false with a nil error.
+	// Save stores a new message. Saving an id that already exists (live or
+	// dead-lettered) changes nothing: it reports stored == false with a nil
+	// error when the two messages' Digests are equal or either is nil (a
+	// retry of the same publish), and an error wrapping ErrConflict when
+	// they differ (another message under that id).
 	Save(ctx context.Context, m *Message) (stored bool, err error)
 	// Get returns a copy of the live message with that id, or ErrNotFound.
 	Get(ctx context.Context, id string) (*Message, error)
