@@ -1,6 +1,7 @@
 package filestore
 
 import (
+	"bytes"
 	"encoding/binary"
 	"encoding/hex"
 	"errors"
@@ -105,9 +106,11 @@ type record struct {
 	// failCounts and failDue (unix ms) (recSave, recDelivery,
 	// recRedeliver) are the last fields of their record, in that order,
 	// each written only when it or a field after it has values: a record
-	// written before they existed ends where they begin.
+	// written before they existed ends where they begin. digest (recSave:
+	// storage.Message.Digest) follows them by the same rule.
 	failCounts []int32
 	failDue    []int64
+	digest     []byte
 	reason     string // recSave (dead), recDead
 	at         int64  // unix ms: recSave (dead), recDead
 	header     []byte // recSave: protobuf Header
@@ -130,7 +133,10 @@ func appendRecord(dst []byte, r *record) []byte {
 		dst = binary.AppendVarint(dst, r.at)
 		dst = appendBytes(dst, r.header)
 		dst = appendBytes(dst, r.body)
-		dst = appendFailState(dst, r.failCounts, r.failDue)
+		dst = appendFailState(dst, r.failCounts, r.failDue, len(r.digest) > 0)
+		if len(r.digest) > 0 {
+			dst = appendBytes(dst, r.digest)
+		}
 	case recCommit:
 		dst = binary.AppendVarint(dst, r.next)
 	case recDelivery, recRedeliver:
@@ -138,7 +144,7 @@ func appendRecord(dst []byte, r *record) []byte {
 		dst = binary.AppendVarint(dst, r.next)
 		dst = appendStrings(dst, r.succ)
 		dst = appendStrings(dst, r.fail)
-		dst = appendFailState(dst, r.failCounts, r.failDue)
+		dst = appendFailState(dst, r.failCounts, r.failDue, false)
 	case recDead:
 		dst = appendString(dst, r.reason)
 		dst = binary.AppendVarint(dst, r.at)
@@ -160,16 +166,17 @@ func appendString(dst []byte, s string) []byte {
 }
 
 // appendFailState appends the optional last fields: counts, then due;
-// nothing when both are empty, counts alone when due is.
-func appendFailState(dst []byte, counts []int32, due []int64) []byte {
-	if len(counts) == 0 && len(due) == 0 {
+// nothing when both are empty and no field follows (more), counts alone
+// when due is empty and none follows.
+func appendFailState(dst []byte, counts []int32, due []int64, more bool) []byte {
+	if len(counts) == 0 && len(due) == 0 && !more {
 		return dst
 	}
 	dst = binary.AppendUvarint(dst, uint64(len(counts)))
 	for _, c := range counts {
 		dst = binary.AppendVarint(dst, int64(c))
 	}
-	if len(due) == 0 {
+	if len(due) == 0 && !more {
 		return dst
 	}
 	dst = binary.AppendUvarint(dst, uint64(len(due)))
@@ -221,6 +228,9 @@ func decodeRecord(payload []byte, crc uint32) (*record, error) {
 		r.header = d.bytes()
 		r.body = d.bytes()
 		r.failCounts, r.failDue = d.failState()
+		if d.err == nil && len(d.b) > 0 { // absent in a record written before digests
+			r.digest = d.bytes()
+		}
 	case recCommit:
 		r.next = d.varint()
 	case recRollback, recDelete:
@@ -344,7 +354,7 @@ func saveRecord(id msgID, m *storage.Message, st state, reason string, at int64)
 	return &record{
 		kind: recSave, id: id, state: st, cmd: uint8(m.Cmd), count: m.DeliverCount,
 		next: toMillis(m.NextDeliverTime), succ: m.SuccGroups, fail: m.FailGroups, failCounts: m.FailCounts, failDue: toMillisAll(m.FailDue),
-		reason: reason, at: at, header: header, body: m.Body,
+		reason: reason, at: at, header: header, body: m.Body, digest: m.Digest,
 	}, nil
 }
 
@@ -354,8 +364,12 @@ func (r *record) message() (*storage.Message, error) {
 	if err := protocol.Unmarshal(r.header, h); err != nil {
 		return nil, fmt.Errorf("%w: header of %s: %v", errCorrupt, r.id, err)
 	}
+	var digest []byte
+	if len(r.digest) > 0 {
+		digest = bytes.Clone(r.digest)
+	}
 	return &storage.Message{
-		Cmd: protocol.CmdType(r.cmd), Header: h, Body: append([]byte(nil), r.body...),
+		Cmd: protocol.CmdType(r.cmd), Header: h, Body: append([]byte(nil), r.body...), Digest: digest,
 		Committed: r.state.committed(), DeliverCount: r.count,
 		NextDeliverTime: fromMillis(r.next),
 		SuccGroups:      r.succ, FailGroups: r.fail, FailCounts: r.failCounts, FailDue: fromMillisAll(r.failDue),
