@@ -33,6 +33,10 @@ func TestConformance(t *testing.T) {
 			storagetest.Run(t, func(t *testing.T) storage.Store {
 				return openTest(t, t.TempDir(), func(o *Options) { o.Sync = policy })
 			})
+			storagetest.RunPersistent(t, func(t *testing.T) storagetest.Place {
+				dir := t.TempDir()
+				return func(t *testing.T) storage.Store { return openTest(t, dir, func(o *Options) { o.Sync = policy }) }
+			})
 		})
 	}
 }

@@ -28,6 +28,7 @@
 package memory
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"hash/maphash"
@@ -226,10 +227,11 @@ func validate(m *storage.Message) error {
 	return nil
 }
 
-// Save stores a deep copy of m. It returns an error wrapping
-// storage.ErrFull, and evicts nothing, when the store already holds its
-// capacity of live messages. An id that is live or dead-lettered is a
-// duplicate: nothing is stored and Save reports (false, nil).
+// Save stores a deep copy of m, its Digest with it. It returns an error
+// wrapping storage.ErrFull, and evicts nothing, when the store already
+// holds its capacity of live messages. An id that is live or dead-lettered
+// changes nothing: Save reports (false, nil) when the Digests are equal or
+// either is nil, and an error wrapping storage.ErrConflict when they differ.
 func (s *Store) Save(ctx context.Context, m *storage.Message) (bool, error) {
 	if err := s.begin(ctx, "save"); err != nil {
 		return false, err
@@ -249,17 +251,28 @@ func (s *Store) Save(ctx context.Context, m *storage.Message) (bool, error) {
 	if s.closed.Load() {
 		return false, closedError("save")
 	}
-	if _, ok := sh.live[id]; ok {
-		return false, nil
+	if n, ok := sh.live[id]; ok {
+		return false, duplicate(id, n.val, m)
 	}
-	if _, ok := sh.dead[id]; ok {
-		return false, nil
+	if n, ok := sh.dead[id]; ok {
+		return false, duplicate(id, n.val.Message, m)
 	}
 	if !s.reserve() {
 		return false, fmt.Errorf("memory store: full (%d messages; raise ?cap=): %w", s.capacity, storage.ErrFull)
 	}
 	sh.insertLive(own)
 	return true, nil
+}
+
+// duplicate is Save's answer for m, whose id the store holds as stored: nil
+// for a retry of the same publish (an empty Digest is unknown, as nil is:
+// Clone makes one the other), ErrConflict for another message. The error
+// names no digest: it may reach the producer that reused the id.
+func duplicate(id string, stored, m *storage.Message) error {
+	if len(stored.Digest) == 0 || len(m.Digest) == 0 || bytes.Equal(stored.Digest, m.Digest) {
+		return nil
+	}
+	return fmt.Errorf("memory store: save %s: %w", id, storage.ErrConflict)
 }
 
 // lookup returns the live message id under the shard lock.

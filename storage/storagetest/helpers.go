@@ -36,21 +36,28 @@ func NewHeader(id, topic, messageType string, committed bool) *protocol.Header {
 	}
 }
 
+// producerGroup is the group the suite's messages come from (their Digest).
+const producerGroup = "storagetest-producer"
+
 // NewMessage returns a string message with a fresh id, every header field
-// set and a body that names the id, due now (to the whole second, so that
-// backends that keep seconds compare equal).
+// set, a body that names the id and its Digest, due now (to the whole
+// second, so that backends that keep seconds compare equal).
 func NewMessage(topic, messageType string, committed bool) *storage.Message {
 	id := protocol.MessageId()
 	body := "hello " + id
 	msg := &protocol.StringMessage{Header: NewHeader(id, topic, messageType, committed), Body: &body}
-	return storage.NewMessage(msg, time.Now().Truncate(time.Second))
+	m := storage.NewMessage(msg, time.Now().Truncate(time.Second))
+	m.Digest = storage.Digest(producerGroup, msg)
+	return m
 }
 
 // NewBytesMessage returns a bytes message with a fresh id, every header
-// field set and the given body, due now (to the whole second).
+// field set, the given body and its Digest, due now (to the whole second).
 func NewBytesMessage(topic, messageType string, body []byte, committed bool) *storage.Message {
 	msg := &protocol.BytesMessage{Header: NewHeader(protocol.MessageId(), topic, messageType, committed), Body: body}
-	return storage.NewMessage(msg, time.Now().Truncate(time.Second))
+	m := storage.NewMessage(msg, time.Now().Truncate(time.Second))
+	m.Digest = storage.Digest(producerGroup, msg)
+	return m
 }
 
 // RandomID returns a valid message id with random bits throughout, like
@@ -91,6 +98,9 @@ func DiffMessage(got, want *storage.Message) string {
 	}
 	if !bytes.Equal(got.Body, want.Body) {
 		d = append(d, fmt.Sprintf("Body: got %q, want %q", got.Body, want.Body))
+	}
+	if !bytes.Equal(got.Digest, want.Digest) {
+		d = append(d, fmt.Sprintf("Digest: got %x, want %x", got.Digest, want.Digest))
 	}
 	add("Committed", got.Committed, want.Committed)
 	add("DeliverCount", got.DeliverCount, want.DeliverCount)

@@ -44,6 +44,11 @@ func Run(t *testing.T, open func(t *testing.T) storage.Store) {
 		{"SaveKeepsDeliveryState", testSaveKeepsDeliveryState},
 		{"SaveAndGetCopy", testSaveAndGetCopy},
 		{"SaveDuplicate", testSaveDuplicate},
+		{"SaveDigestRetry", testSaveDigestRetry},
+		{"SaveConflict", testSaveConflict},
+		{"SaveDigestUnknown", testSaveDigestUnknown},
+		{"SaveConflictDeadLetter", testSaveConflictDeadLetter},
+		{"SaveConflictConcurrent", testSaveConflictConcurrent},
 		{"SaveInvalid", testSaveInvalid},
 		{"GetMissing", testGetMissing},
 		{"Commit", testCommit},
@@ -348,8 +353,11 @@ func testSaveAndGetCopy(t *testing.T, s storage.Store) {
 	wantSame(t, "Get after changing a message Get returned", get(t, s, want.ID()), want)
 }
 
+// testSaveDuplicate: with no Digest on either side, any Save of a stored
+// id is a duplicate.
 func testSaveDuplicate(t *testing.T, s storage.Store) {
 	want := NewMessage("trade", "pay-succ", true)
+	want.Digest = nil
 	save(t, s, want)
 	dup := want.Clone()
 	dup.Body = []byte("another body")
@@ -1343,8 +1351,8 @@ func testRedeliver(t *testing.T, s storage.Store) {
 				"want committed, 0, [s-a] [], now", committed, got.Committed, got.Header.GetCommit(), got.DeliverCount,
 				got.SuccGroups, got.FailGroups, got.NextDeliverTime)
 		}
-		if !bytes.Equal(got.Body, m.Body) {
-			t.Fatal("Redeliver changed the body")
+		if !bytes.Equal(got.Body, m.Body) || !bytes.Equal(got.Digest, m.Digest) {
+			t.Fatalf("Redeliver changed the body or the digest: %q %x, want %q %x", got.Body, got.Digest, m.Body, m.Digest)
 		}
 		page := due(t, s, storage.DueQuery{Kind: storage.DueDelivery, Before: to.Add(second)})
 		wantIDs(t, "Due(DueDelivery) after Redeliver", ids(page), m.ID())
