@@ -175,8 +175,8 @@ func (e *engine) dispatch(m *storage.Message, fly, fromScan bool) error {
 	if len(f.groups) == 0 {
 		if len(matches) == 0 {
 			e.stats.Unrouted.Add(1)
-			e.log.Debug("unrouted message", zap.String("id", m.ID()), zap.String("topic", h.GetTopic()),
-				zap.String("messageType", h.GetMessageType()))
+			e.log.Debug("unrouted message", zap.String("id", m.ID()), zap.String("topic", clipForLog(h.GetTopic())),
+				zap.String("messageType", clipForLog(h.GetMessageType())))
 		}
 		f.ended = true
 		e.finish(f, "", nil, f.slotLocked()) // f is not shared
@@ -250,7 +250,7 @@ func failDue(m *storage.Message) map[string]time.Time {
 // the zero time for at once.
 func deliverAt(h *protocol.Header) time.Time {
 	if ms := h.GetDeliverAt(); ms > 0 {
-		return time.UnixMilli(ms)
+		return unixMilliTime(ms) // clamped: a stored value may predate validateTimes
 	}
 	return time.Time{}
 }
@@ -410,7 +410,7 @@ func (e *engine) finish(f *flight, deadReason string, final *storage.DeliveryRes
 		e.stats.Finished.Add(1)
 	} else {
 		e.stats.DeadLettered.Add(1)
-		e.log.Warn("message dead-lettered", zap.String("id", id), zap.String("reason", deadReason))
+		e.log.Warn("message dead-lettered", zap.String("id", id), zap.String("reason", clipTo(deadReason, feedbackClipBytes)))
 	}
 	if f.fly {
 		e.forget(f)
@@ -573,14 +573,16 @@ func (e *engine) retryDelay(failures int32) time.Duration {
 }
 
 // expiry is when the message stops being delivered: its expiredTime,
-// capped at MaxLifetime after its creation.
+// capped at MaxLifetime after its creation. The header's times are clamped
+// (unixTime): a message stored before validateTimes refused absurd ones
+// must not overflow into the past and expire at once.
 func (e *engine) expiry(m *storage.Message) time.Time {
-	limit := time.Date(9999, 12, 31, 0, 0, 0, 0, time.UTC) // no createTime (the broker sets one): no cap known
-	if ct := m.Header.GetCreateTime(); ct > 0 {
-		limit = time.Unix(ct, 0).Add(e.opts.MaxLifetime)
+	limit := latestTime // no createTime (the broker sets one): no cap known
+	if hasCreateTime(m.Header) {
+		limit = unixTime(m.Header.GetCreateTime()).Add(e.opts.MaxLifetime)
 	}
-	if et := m.Header.GetExpiredTime(); et > 0 && time.Unix(et, 0).Before(limit) {
-		return time.Unix(et, 0)
+	if et := m.Header.GetExpiredTime(); et > 0 && unixTime(et).Before(limit) {
+		return unixTime(et)
 	}
 	return limit
 }

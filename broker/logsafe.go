@@ -5,6 +5,9 @@ import (
 	"sync"
 	"time"
 	"unicode/utf8"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 )
 
 // logClipBytes is how much of a client's string a log line keeps: enough to
@@ -81,4 +84,24 @@ func (l *logLimiter) pending() (int64, string) {
 	n, reason := l.suppressed, l.lastReason
 	l.suppressed, l.lastReason = 0, ""
 	return n, reason
+}
+
+// logRepeated writes a line that a client can make the broker repeat, such
+// as a refusal, through the connection's limiter; reason is clipped to
+// feedbackClipBytes. A line past the burst says how many were left out
+// before it.
+func (s *session) logRepeated(level zapcore.Level, msg, reason string, fields ...zap.Field) {
+	if !s.log.Core().Enabled(level) {
+		return
+	}
+	reason = clipTo(reason, feedbackClipBytes)
+	ok, suppressed := s.refusals.allow(time.Now(), reason)
+	if !ok {
+		return
+	}
+	fields = append(fields, zap.String("reason", reason))
+	if suppressed > 0 {
+		fields = append(fields, zap.Int64("notLoggedBefore", suppressed))
+	}
+	s.log.Log(level, msg, fields...)
 }

@@ -50,6 +50,10 @@ type Options struct {
 	// MaxLifetime caps a message's expiry: a message that never expires, or
 	// expires later, is dead-lettered after this long.
 	MaxLifetime time.Duration
+	// MaxClockSkew is how far ahead of the broker's clock a producer's
+	// createTime may be: a producer's clock may run ahead of the broker's,
+	// but a message from further ahead would be kept past MaxLifetime.
+	MaxClockSkew time.Duration
 	// TxCheckDelay is how long an uncommitted message waits for its
 	// producer's decision before the broker asks the producer group; the
 	// wait doubles after every check up to TxCheckMaxDelay. After
@@ -103,6 +107,7 @@ func DefaultOptions() Options {
 		DeliverTimeout:      5 * time.Second,
 		RetrySchedule:       DefaultRetrySchedule(),
 		MaxLifetime:         7 * 24 * time.Hour,
+		MaxClockSkew:        5 * time.Minute,
 		TxCheckDelay:        5 * time.Second,
 		TxCheckMaxDelay:     160 * time.Second,
 		TxCheckLimit:        10,
@@ -129,6 +134,7 @@ func ParseFlags(args []string, output io.Writer) (Options, error) {
 	fs.StringVar(&o.AuthFile, "auth-file", "", `file of "groupId:secretKey" lines; empty accepts any secret`)
 	fs.StringVar(&o.LogLevel, "log-level", o.LogLevel, "log level: debug, info, warn, error")
 	fs.IntVar(&o.MaxBody, "max-body", o.MaxBody, "largest packet body in bytes")
+	fs.DurationVar(&o.MaxClockSkew, "max-clock-skew", o.MaxClockSkew, "how far ahead of the broker's clock a message's createTime may be; a publish from further ahead is refused")
 	fs.Int64Var(&o.MaxPendingBytes, "max-pending-bytes", o.MaxPendingBytes, "bytes of publishes waiting for the store, past which publishes are refused (overload)")
 	fs.Int64Var(&o.MaxDeliveryBytes, "max-delivery-bytes", o.MaxDeliveryBytes, "bytes of messages held in memory for delivery, past which committed messages wait in the store")
 	fs.DurationVar(&o.DeliverTimeout, "deliver-timeout", o.DeliverTimeout, "wait for a DELIVER_ACK before the delivery counts as failed")
@@ -177,6 +183,8 @@ func (o Options) Validate() error {
 		return errors.New("-tx-check-delay must be at least 1ms, -tx-check-max-delay at least -tx-check-delay, -tx-check-limit and -tx-check-rate at least 1")
 	case o.IdleTimeout <= 0 || o.HandshakeTimeout <= 0 || o.WriteTimeout <= 0 || o.ShutdownTimeout <= 0:
 		return errors.New("timeouts must be positive")
+	case o.MaxClockSkew < 0:
+		return fmt.Errorf("-max-clock-skew %s must not be negative", o.MaxClockSkew)
 	case o.MaxLifetime <= 0 || o.MaxPendingPublishes <= 0:
 		return errors.New("MaxLifetime and MaxPendingPublishes must be positive")
 	case o.MaxPendingBytes < int64(o.MaxBody):

@@ -351,10 +351,10 @@ func (s *Server) publish(sess *session, p *protocol.Packet) error {
 	if !h.GetCommit() && h.GetGroupId() != sess.groupId {
 		s.storeAck(sess, p.Opaque, h.GetMessageId(), false, fmt.Sprintf(
 			"an uncommitted message's header groupId %q must be the producer's group %q: that group is asked for the decision",
-			h.GetGroupId(), sess.groupId))
+			clipForLog(h.GetGroupId()), clipForLog(sess.groupId)))
 		return nil
 	}
-	if h.CreateTime == nil {
+	if !hasCreateTime(h) { // none, or 0 (validateTimes)
 		h.CreateTime = ptr(now.Unix())
 	}
 	n := proto.Size(msg)
@@ -435,45 +435,33 @@ func (s *Server) publish(sess *session, p *protocol.Packet) error {
 	return nil
 }
 
-// validate returns why a message cannot be accepted, or "".
+// validate returns why a message cannot be accepted, or "". The client's
+// strings it quotes are clipped: the reason goes to the log and back to
+// the client.
 func (s *Server) validate(h *protocol.Header, now time.Time) string {
 	switch {
 	case !protocol.ValidMessageId(h.GetMessageId()):
-		return fmt.Sprintf("invalid messageId %q: want %d lowercase hex characters", h.GetMessageId(), protocol.MessageIdLen)
+		return fmt.Sprintf("invalid messageId %q: want %d lowercase hex characters", clipForLog(h.GetMessageId()), protocol.MessageIdLen)
 	case h.GetTopic() == "":
 		return "empty topic"
 	case !s.serves(h.GetTopic()):
-		return fmt.Sprintf("topic %q is not served by this broker (serves: %s)", h.GetTopic(), strings.Join(s.opts.Topics, ","))
+		return fmt.Sprintf("topic %q is not served by this broker (serves: %s)", clipForLog(h.GetTopic()), strings.Join(s.opts.Topics, ","))
 	case h.GetMessageType() == "":
 		return "empty messageType"
-	case h.GetExpiredTime() > 0 && h.GetExpiredTime() < now.Unix():
-		return fmt.Sprintf("message expired at %s", time.Unix(h.GetExpiredTime(), 0).UTC().Format(time.RFC3339))
 	case h.GetFly() && !h.GetCommit():
 		return "a fly message must be committed: it is never stored"
-	case h.GetDeliverAt() > 0 && h.GetFly():
-		return "a fly message cannot be delayed (deliverAt): it is never stored"
-	case h.GetDeliverAt() > 0 && h.GetExpiredTime() > 0 && h.GetDeliverAt() > h.GetExpiredTime()*1000:
-		return fmt.Sprintf("deliverAt %s is after the message expires (%s)",
-			time.UnixMilli(h.GetDeliverAt()).UTC().Format(time.RFC3339Nano), time.Unix(h.GetExpiredTime(), 0).UTC().Format(time.RFC3339))
-	case h.GetDeliverAt() > created(h, now).Add(s.opts.MaxLifetime).UnixMilli():
-		return fmt.Sprintf("deliverAt %s is further away than the longest a message is kept (%s after its createTime)",
-			time.UnixMilli(h.GetDeliverAt()).UTC().Format(time.RFC3339Nano), s.opts.MaxLifetime)
 	}
-	return ""
+	return validateTimes(h, now, s.opts.MaxClockSkew, s.opts.MaxLifetime)
 }
 
-// created is the message's createTime, or now when it has none.
-func created(h *protocol.Header, now time.Time) time.Time {
-	if h.CreateTime != nil {
-		return time.Unix(h.GetCreateTime(), 0)
-	}
-	return now
-}
-
+// storeAck answers a publish. A refusal is logged through the
+// connection's limiter, and its feedback, which may quote the client's
+// strings, is clipped for the log and the client alike.
 func (s *Server) storeAck(sess *session, opaque uint32, id string, ok bool, feedback string) {
+	feedback = clipTo(feedback, feedbackClipBytes)
 	if !ok {
 		s.stats.Rejected.Add(1)
-		sess.log.Info("message refused", zap.String("id", id), zap.String("reason", feedback))
+		sess.logRepeated(zap.InfoLevel, "message refused", feedback, zap.String("id", clipForLog(id)))
 	}
 	sess.send(opaque, protocol.CmdMessageStoreAck,
 		&protocol.MessageStoreAck{MessageId: &id, Status: &ok, Feedback: &feedback})
@@ -489,7 +477,7 @@ func (s *Server) deliverAck(sess *session, p *protocol.Packet) error {
 	if d == nil {
 		// Late: the delivery timed out or was given to another consumer.
 		sess.log.Debug("DELIVER_ACK for no delivery in flight", zap.Uint32("opaque", p.Opaque),
-			zap.String("id", ack.GetMessageId()))
+			zap.String("id", clipForLog(ack.GetMessageId())))
 		return nil
 	}
 	d.g.done()
@@ -498,7 +486,7 @@ func (s *Server) deliverAck(sess *session, p *protocol.Packet) error {
 		d.f.groupResult(d, resultAcked, "")
 	} else {
 		s.stats.DeliverFailed.Add(1)
-		reason := ack.GetFeedback()
+		reason := clipTo(ack.GetFeedback(), feedbackClipBytes) // kept with the message, and logged if it dead-letters
 		if reason == "" {
 			reason = "consumer returned false"
 		}
@@ -553,7 +541,7 @@ func (s *Server) txAck(sess *session, p *protocol.Packet) error {
 			return nil
 		})
 	default:
-		sess.log.Info("transaction undecided", zap.String("id", id), zap.String("feedback", tx.GetFeedback()))
+		sess.logRepeated(zap.InfoLevel, "transaction undecided", tx.GetFeedback(), zap.String("id", clipForLog(id)))
 	}
 	return nil
 }

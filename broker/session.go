@@ -32,6 +32,7 @@ type session struct {
 
 	opaque   atomic.Uint32
 	pubSlots chan struct{} // bounds publishes being stored at once
+	refusals logLimiter    // lines the client can repeat (logRepeated)
 
 	mu       sync.Mutex // guards inflight, closed and saving
 	inflight map[uint32]*inflightDelivery
@@ -254,10 +255,15 @@ func (s *session) close(reason error) {
 	var fe *fatalError
 	switch {
 	case errors.As(reason, &fe):
-		s.log.Warn("closing connection", zap.String("group", s.groupId), zap.String("reason", fe.reason))
+		// s.log names the group (clipped) once the handshake is done.
+		s.log.Warn("closing connection", zap.String("reason", clipTo(fe.reason, feedbackClipBytes)))
 	case errors.Is(reason, errServerStopping):
 	default:
-		s.log.Debug("connection closed", zap.String("group", s.groupId), zap.Error(reason))
+		s.log.Debug("connection closed", zap.Error(reason))
+	}
+	if n, last := s.refusals.pending(); n > 0 {
+		s.log.Info("connection closed with lines not logged (one a second past the first ones)",
+			zap.Int64("notLogged", n), zap.String("lastReason", last))
 	}
 	if s.group != nil {
 		s.group.removeSession(s)

@@ -169,7 +169,7 @@ func (c *txChecker) check(ctx context.Context, m *storage.Message, now time.Time
 		c.decided(id)
 		c.s.stats.DeadLettered.Add(1)
 		c.s.stats.TxDeadLettered.Add(1)
-		c.s.log.Warn("message dead-lettered", zap.String("id", id), zap.String("group", group), zap.String("reason", reason))
+		c.s.log.Warn("message dead-lettered", zap.String("id", id), zap.String("group", clipForLog(group)), zap.String("reason", reason))
 		return false, nil
 	}
 	if !c.bucket(group).take(now) {
@@ -185,7 +185,7 @@ func (c *txChecker) check(ctx context.Context, m *storage.Message, now time.Time
 	if sess == nil {
 		c.s.stats.TxChecksUnsent.Add(1)
 		c.s.log.Debug("transaction check: no live connection of the producer group",
-			zap.String("id", id), zap.String("group", group), zap.Int32("check", count))
+			zap.String("id", id), zap.String("group", clipForLog(group)), zap.Int32("check", count))
 		return false, nil
 	}
 	pkt := &protocol.TxACKPacket{Header: m.Header, Status: new(int32(protocol.TxUnknown)),
