@@ -26,6 +26,9 @@ export TESTFLAGS
 # make run: the broker in the foreground, its data in ./data.
 DB ?= file://./data
 TOPICS ?=
+# make run accepts any client on loopback (-auth=open, which the broker logs);
+# AUTH_FILE=path requires the groups of that file instead.
+AUTH_FILE ?=
 RUNFLAGS ?=
 
 # make gobench: BENCH is the -bench regexp, BENCHTIME optional (e.g. 2s, 1000x).
@@ -113,8 +116,9 @@ bench/%:
 # --- run and release -------------------------------------------------------
 
 .PHONY: run release
-run: ## run the broker: DB=file://./data TOPICS=a,b RUNFLAGS=...
-	$(GO) run ./broker/cmd/kiteq -bind=127.0.0.1:13800 -pport=13801 -db='$(DB)' -topics='$(TOPICS)' $(RUNFLAGS)
+run: ## run the broker: DB=file://./data TOPICS=a,b AUTH_FILE=path RUNFLAGS=...
+	$(GO) run ./broker/cmd/kiteq -bind=127.0.0.1:13800 -pport=13801 -db='$(DB)' -topics='$(TOPICS)' \
+		$(if $(AUTH_FILE),-auth-file='$(AUTH_FILE)',-auth=open) $(RUNFLAGS)
 
 release: ## tag a module release: MODULE=client-go VERSION=v0.1.0 [DRY_RUN=1]
 	@DRY_RUN='$(DRY_RUN)' scripts/release.sh '$(MODULE)' '$(VERSION)'

@@ -54,6 +54,7 @@ func httpGet(t *testing.T, url string) string {
 func TestAppOptionsValidate(t *testing.T) {
 	for _, db := range []string{"memory://", "file://" + t.TempDir()} {
 		o := DefaultOptions()
+		o.Auth = AuthOpen // loopback tests
 		o.Bind, o.PPort, o.DB = "127.0.0.1:0", 0, db
 		opts, err := AppOptions(o, zap.NewNop())
 		if err != nil {
@@ -70,6 +71,7 @@ func TestAppOptionsValidate(t *testing.T) {
 func TestAppStartStopFileStore(t *testing.T) {
 	dir := t.TempDir()
 	o := DefaultOptions()
+	o.Auth = AuthOpen // loopback tests
 	o.Bind, o.PPort, o.DB = "127.0.0.1:0", 0, "file://"+dir
 	m := newMessage("trade", "t", "durable")
 	m.Header.Commit = proto.Bool(false) // stays stored until decided
@@ -101,6 +103,7 @@ func TestAppStartStopFileStore(t *testing.T) {
 // the admin port, publishes through it, and stops it.
 func TestAppStartStop(t *testing.T) {
 	o := DefaultOptions()
+	o.Auth = AuthOpen // loopback tests
 	o.Bind, o.PPort, o.DB = "127.0.0.1:0", freeAdminPort(t), "memory://"
 	opts, err := AppOptions(o, zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel)))
 	if err != nil {
@@ -152,7 +155,7 @@ func TestStorageOptionSchemes(t *testing.T) {
 func TestParseFlags(t *testing.T) {
 	var out bytes.Buffer
 	o, err := ParseFlags([]string{"-bind=127.0.0.1:1", "-pport=0", "-db=memory://?cap=5", "-topics=trade, feed,,",
-		"-deliver-timeout=2s"}, &out)
+		"-deliver-timeout=2s", "-auth=open"}, &out)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -169,8 +172,24 @@ func TestParseFlags(t *testing.T) {
 		"-deliver-timeout=1ns":   "at least 1ms",
 		"stray":                  "unexpected arguments",
 	} {
-		if _, err := ParseFlags(strings.Fields(args), &out); err == nil || !strings.Contains(err.Error(), want) {
+		if _, err := ParseFlags(append(strings.Fields(args), "-auth=open"), &out); err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("%s: error %v, want %q", args, err, want)
+		}
+	}
+	for args, want := range map[string]string{
+		"":                                 "-auth=required (the default) needs -auth-file",
+		"-auth=none":                       "-auth=none: want required or open",
+		"-auth=open -auth-file=x":          "pass one of them",
+		"-auth=open -bind=0.0.0.0:13800":   "only on a loopback -bind (not 0.0.0.0:13800)",
+		"-auth=open -bind=10.1.2.3:13800":  "only on a loopback -bind",
+		"-auth=open -bind=[::]:13800":      "only on a loopback -bind",
+		"-auth=open -bind=localhost:13800": "",
+		"-auth=open -bind=[::1]:13800":     "",
+		"-auth-file=/etc/kiteq/auth":       "",
+	} {
+		_, err := ParseFlags(strings.Fields(args), &out)
+		if (want == "") != (err == nil) || (err != nil && !strings.Contains(err.Error(), want)) {
+			t.Errorf("%q: error %v, want %q", args, err, want)
 		}
 	}
 }
@@ -178,6 +197,7 @@ func TestParseFlags(t *testing.T) {
 func TestStartFailsOnTakenAddress(t *testing.T) {
 	b := startBroker(t, nil)
 	o := DefaultOptions()
+	o.Auth = AuthOpen // loopback tests
 	o.Bind, o.PPort, o.DB = b.Addr(), 0, "memory://"
 	opts, err := AppOptions(o, zap.NewNop())
 	if err != nil {

@@ -25,6 +25,7 @@ type testBroker struct {
 func startBroker(t *testing.T, mutate func(*Options)) *testBroker {
 	t.Helper()
 	o := DefaultOptions()
+	o.Auth = AuthOpen // loopback tests
 	o.Bind = "127.0.0.1:0"
 	o.PPort = 0
 	o.RetrySchedule = []time.Duration{50 * time.Millisecond, 100 * time.Millisecond, 200 * time.Millisecond}

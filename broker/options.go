@@ -1,12 +1,10 @@
 package broker
 
 import (
-	"bufio"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
-	"os"
 	"strings"
 	"time"
 
@@ -26,7 +24,11 @@ type Options struct {
 	Topics []string
 	// ZkHost is the ZooKeeper ensemble; empty runs standalone.
 	ZkHost string
-	// AuthFile lists "groupId:secretKey" lines; empty accepts any secret.
+	// Auth is AuthRequired (every group and secretKey must be in AuthFile)
+	// or AuthOpen (anyone, loopback only); empty means AuthRequired.
+	Auth string
+	// AuthFile lists "groupId:secretKey [pub=topics] [sub=topics]" lines
+	// (loadAuth); required with AuthRequired.
 	AuthFile string
 	// LogLevel is zap's level name: debug, info, warn, error.
 	LogLevel string
@@ -100,6 +102,7 @@ func DefaultOptions() Options {
 		PPort:               13801,
 		DB:                  "file://./data",
 		LogLevel:            "info",
+		Auth:                AuthRequired,
 		MaxBody:             protocol.DefaultMaxBody,
 		HandshakeTimeout:    10 * time.Second,
 		IdleTimeout:         60 * time.Second,
@@ -131,7 +134,8 @@ func ParseFlags(args []string, output io.Writer) (Options, error) {
 	fs.StringVar(&o.DB, "db", o.DB, "message store: "+acceptedStores)
 	fs.StringVar(&topics, "topics", "", "comma-separated topics this broker serves (empty: every topic, standalone only)")
 	fs.StringVar(&o.ZkHost, "zkhost", "", "ZooKeeper ensemble host:port[,host:port] (empty: standalone, clients use static://)")
-	fs.StringVar(&o.AuthFile, "auth-file", "", `file of "groupId:secretKey" lines; empty accepts any secret`)
+	fs.StringVar(&o.Auth, "auth", o.Auth, "authentication: required (every group and secretKey must be in -auth-file) or open (any client, loopback -bind only, for development)")
+	fs.StringVar(&o.AuthFile, "auth-file", "", `file of "groupId:secretKey [pub=topics] [sub=topics]" lines (required with -auth=required)`)
 	fs.StringVar(&o.LogLevel, "log-level", o.LogLevel, "log level: debug, info, warn, error")
 	fs.IntVar(&o.MaxBody, "max-body", o.MaxBody, "largest packet body in bytes")
 	fs.DurationVar(&o.MaxClockSkew, "max-clock-skew", o.MaxClockSkew, "how far ahead of the broker's clock a message's createTime may be; a publish from further ahead is refused")
@@ -193,8 +197,25 @@ func (o Options) Validate() error {
 		return fmt.Errorf("-gc-percent %d must not be negative (0 leaves Go's default)", o.GCPercent)
 	case o.MaxDeliveryBytes < int64(o.MaxBody):
 		return fmt.Errorf("-max-delivery-bytes %d must be at least -max-body %d", o.MaxDeliveryBytes, o.MaxBody)
+	case o.authMode() != AuthRequired && o.authMode() != AuthOpen:
+		return fmt.Errorf("-auth=%s: want %s or %s", o.Auth, AuthRequired, AuthOpen)
+	case o.authMode() == AuthRequired && o.AuthFile == "":
+		return errors.New("-auth=required (the default) needs -auth-file, a file of groupId:secretKey lines; " +
+			"-auth=open accepts any client, on a loopback -bind only, for development")
+	case o.authMode() == AuthOpen && o.AuthFile != "":
+		return errors.New("-auth=open accepts any client and would ignore -auth-file: pass one of them")
+	case o.authMode() == AuthOpen && !isLoopback(o.Bind):
+		return fmt.Errorf("-auth=open accepts any client, so only on a loopback -bind (not %s): list the groups in -auth-file", o.Bind)
 	}
 	return nil
+}
+
+// authMode is Auth, with empty meaning AuthRequired.
+func (o Options) authMode() string {
+	if o.Auth == "" {
+		return AuthRequired
+	}
+	return o.Auth
 }
 
 func splitList(s string) []string {
@@ -205,36 +226,6 @@ func splitList(s string) []string {
 		}
 	}
 	return out
-}
-
-// loadAuth reads an auth file: one "groupId:secretKey" a line; blank lines
-// and lines starting with # are skipped.
-func loadAuth(path string) (map[string]string, error) {
-	if path == "" {
-		return nil, nil
-	}
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, fmt.Errorf("auth file: %w", err)
-	}
-	defer f.Close()
-	secrets := make(map[string]string)
-	sc := bufio.NewScanner(f)
-	for n := 1; sc.Scan(); n++ {
-		line := strings.TrimSpace(sc.Text())
-		if line == "" || strings.HasPrefix(line, "#") {
-			continue
-		}
-		group, secret, ok := strings.Cut(line, ":")
-		if !ok || strings.TrimSpace(group) == "" {
-			return nil, fmt.Errorf("auth file %s:%d: want groupId:secretKey", path, n)
-		}
-		secrets[strings.TrimSpace(group)] = strings.TrimSpace(secret)
-	}
-	if err := sc.Err(); err != nil {
-		return nil, fmt.Errorf("auth file %s: %w", path, err)
-	}
-	return secrets, nil
 }
 
 // txCheckDelay is the wait after check n (1, 2, ...) of a transaction

@@ -22,7 +22,7 @@ func TestRetryScheduleDefault(t *testing.T) {
 }
 
 func TestRetryScheduleFlag(t *testing.T) {
-	o, err := ParseFlags([]string{"-retry-schedule=0s, 2s,30s"}, io.Discard)
+	o, err := ParseFlags([]string{"-retry-schedule=0s, 2s,30s", "-auth=open"}, io.Discard)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -49,14 +49,14 @@ func equalDurations(a, b []time.Duration) bool {
 }
 
 func TestGCPercentFlag(t *testing.T) {
-	o, err := ParseFlags(nil, io.Discard)
+	o, err := ParseFlags([]string{"-auth=open"}, io.Discard)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if o.GCPercent != 400 {
 		t.Fatalf("default -gc-percent %d, want 400", o.GCPercent)
 	}
-	if o, err = ParseFlags([]string{"-gc-percent=0"}, io.Discard); err != nil || o.GCPercent != 0 {
+	if o, err = ParseFlags([]string{"-gc-percent=0", "-auth=open"}, io.Discard); err != nil || o.GCPercent != 0 {
 		t.Fatalf("-gc-percent=0: %d, %v", o.GCPercent, err)
 	}
 	if _, err := ParseFlags([]string{"-gc-percent=-1"}, io.Discard); err == nil || !strings.Contains(err.Error(), "-gc-percent -1") {

@@ -31,6 +31,7 @@ func TestTxCheckBacklogOfOneGroupDoesNotStarveOthers(t *testing.T) {
 	t.Cleanup(func() { mem.Close() })
 	reg, _ := static.NewServer("")
 	o := DefaultOptions()
+	o.Auth = AuthOpen // loopback tests
 	o.Bind, o.PPort, o.Clock, o.TxCheckRate = "127.0.0.1:0", 0, clk, 10
 	s, err := New(o, mem, reg, zap.NewNop())
 	if err != nil {

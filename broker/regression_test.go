@@ -31,6 +31,7 @@ import (
 func startOn(t *testing.T, store storage.Store, reg *static.Server, mutate func(*Options)) *Server {
 	t.Helper()
 	o := DefaultOptions()
+	o.Auth = AuthOpen // loopback tests
 	o.Bind = "127.0.0.1:0"
 	o.PPort = 0
 	o.RetrySchedule = []time.Duration{50 * time.Millisecond, 100 * time.Millisecond, 200 * time.Millisecond}
@@ -112,6 +113,7 @@ func TestRestartDeliversMessageWaitingForRetry(t *testing.T) {
 // waits for its retry, restart, and the message never comes.
 func TestFileStoreRestartDeliversMessageWaitingForRetry(t *testing.T) {
 	o := DefaultOptions()
+	o.Auth = AuthOpen // loopback tests
 	o.Bind, o.PPort, o.DB = "127.0.0.1:0", 0, "file://"+t.TempDir()
 	o.RetrySchedule = []time.Duration{time.Second}
 	m := newMessage("trade", "t", "retry-me")
@@ -326,6 +328,7 @@ func TestDeadWriterLeavesGroup(t *testing.T) {
 // closed.
 func TestStopHonoursShutdownTimeoutAndClosesStore(t *testing.T) {
 	o := DefaultOptions()
+	o.Auth = AuthOpen // loopback tests
 	o.Bind, o.PPort, o.DB = "127.0.0.1:0", 0, "memory://"
 	o.ShutdownTimeout = time.Second
 	opts, err := AppOptions(o, zaptest.NewLogger(t, zaptest.Level(zap.ErrorLevel)))

@@ -60,6 +60,7 @@ func TestScanRewindDuringAPageIsKept(t *testing.T) {
 	defer mem.Close()
 	st := &pageHoldStore{Store: mem}
 	o := DefaultOptions()
+	o.Auth = AuthOpen // loopback tests
 	stats := &Stats{}
 	e := newEngine(zap.NewNop(), st, o, stats)
 	defer e.stop()

@@ -33,7 +33,7 @@ type Server struct {
 	log       *zap.Logger
 	store     storage.Store
 	reg       registry.Server
-	secrets   map[string]string // nil: any secret
+	auth      *authorizer
 	stats     Stats
 	engine    *engine
 	txcheck   *txChecker
@@ -61,12 +61,12 @@ func New(opts Options, store storage.Store, reg registry.Server, log *zap.Logger
 	if err := opts.Validate(); err != nil {
 		return nil, err
 	}
-	secrets, err := loadAuth(opts.AuthFile)
+	auth, err := newAuthorizer(opts)
 	if err != nil {
 		return nil, err
 	}
 	s := &Server{
-		opts: opts, log: log, store: store, reg: reg, secrets: secrets,
+		opts: opts, log: log, store: store, reg: reg, auth: auth,
 		sessions:  make(map[*session]struct{}),
 		stopLoops: make(chan struct{}),
 	}
@@ -81,11 +81,11 @@ func (s *Server) Start(ctx context.Context) error {
 	topics := s.opts.Topics
 	s.reg.WatchBindings(func(topic string, bs []*binding.Binding) {
 		if s.serves(topic) {
-			s.engine.updateRoutes(topic, bs)
+			s.engine.updateRoutes(topic, s.permitted(topic, bs))
 		}
 	})
 	for _, t := range topics {
-		s.engine.updateRoutes(t, s.reg.Bindings(t))
+		s.engine.updateRoutes(t, s.permitted(t, s.reg.Bindings(t)))
 	}
 
 	ln, err := net.Listen("tcp", s.opts.Bind)
@@ -112,9 +112,9 @@ func (s *Server) Start(ctx context.Context) error {
 		s.txcheck.run(s.stopLoops, min(max(s.opts.TxCheckDelay/4, 10*time.Millisecond), 250*time.Millisecond))
 	}()
 	s.log.Info("broker started", zap.String("addr", s.Addr()), zap.Strings("topics", topics),
-		zap.Bool("auth", s.secrets != nil))
-	if s.secrets == nil {
-		s.log.Warn("no -auth-file: any secretKey is accepted")
+		zap.String("auth", s.auth.describe()))
+	if s.auth.open {
+		s.log.Warn("-auth=open: any client may connect as any group; for production list the groups in -auth-file")
 	}
 	return nil
 }
@@ -287,19 +287,15 @@ func (s *Server) handshake(sess *session, p *protocol.Packet) error {
 		return fatalf("bad CONN_META: %v", err)
 	}
 	group := meta.GetGroupId()
-	feedback := ""
-	switch {
-	case group == "":
-		feedback = "empty groupId"
-	case s.secrets != nil && s.secrets[group] != meta.GetSecretKey():
-		feedback = "wrong secretKey for group " + group
-	}
-	if feedback != "" {
+	perms, feedback, why := s.auth.authenticate(group, meta.GetSecretKey())
+	if perms == nil {
+		s.stats.Denied.Add(1)
 		sess.send(p.Opaque, protocol.CmdConnAuth, &protocol.ConnAuthAck{Status: ptr(false), Feedback: &feedback})
-		return fatalf("authentication failed: %s", feedback)
+		return fatalf("authentication failed for group %q: %s", clipForLog(group), why)
 	}
 	sess.groupId = group
-	sess.log = sess.log.With(zap.String("group", group))
+	sess.perms = perms
+	sess.log = sess.log.With(zap.String("group", clipForLog(group)))
 	sess.send(p.Opaque, protocol.CmdConnAuth, &protocol.ConnAuthAck{Status: ptr(true), Feedback: ptr("ok")})
 	sess.group = s.engine.group(group)
 	sess.group.addSession(sess)
@@ -348,6 +344,16 @@ func (s *Server) publish(sess *session, p *protocol.Packet) error {
 		s.storeAck(sess, p.Opaque, h.GetMessageId(), false, reason)
 		return nil
 	}
+	if !sess.perms.pub.allows(h.GetTopic()) {
+		s.stats.Denied.Add(1)
+		s.storeAck(sess, p.Opaque, h.GetMessageId(), false, fmt.Sprintf(
+			"permission denied: group %q may not publish to topic %q (its pub= in the auth file: %s)",
+			clipForLog(sess.groupId), clipForLog(h.GetTopic()), sess.perms.pub))
+		return nil
+	}
+	// Before createTime is filled in: a retry that left it out is the
+	// same message.
+	digest := storage.Digest(sess.groupId, msg)
 	if !h.GetCommit() && h.GetGroupId() != sess.groupId {
 		s.storeAck(sess, p.Opaque, h.GetMessageId(), false, fmt.Sprintf(
 			"an uncommitted message's header groupId %q must be the producer's group %q: that group is asked for the decision",
@@ -364,6 +370,7 @@ func (s *Server) publish(sess *session, p *protocol.Packet) error {
 		return nil
 	}
 	m := storage.NewMessage(msg, now)
+	m.Digest = digest
 	if !m.Committed {
 		m.NextDeliverTime = now.Add(s.opts.TxCheckDelay) // the first check
 	} else if at := deliverAt(h); at.After(now) {
@@ -406,6 +413,12 @@ func (s *Server) publish(sess *session, p *protocol.Packet) error {
 		if err != nil {
 			if claimed {
 				s.engine.unclaim(m.ID())
+			}
+			if errors.Is(err, storage.ErrConflict) {
+				s.stats.Conflicts.Add(1)
+				s.storeAck(sess, opaque, m.ID(), false, "conflict: message id "+m.ID()+
+					" is already stored for another message (another producer group or other content); send it with a new id")
+				return
 			}
 			s.storeAck(sess, opaque, m.ID(), false, "store: "+err.Error())
 			return
@@ -518,6 +531,10 @@ func (s *Server) txAck(sess *session, p *protocol.Packet) error {
 		s.engine.storeAsync("commit", func(ctx context.Context) error {
 			ctx = waitSaved(ctx)
 			unlock := s.lockDecision(id)
+			if err := s.mayDecide(ctx, sess, id); err != nil {
+				unlock()
+				return s.refuseDecision(sess, "commit", id, err)
+			}
 			err := s.store.Commit(ctx, id)
 			unlock()
 			if err != nil {
@@ -531,6 +548,10 @@ func (s *Server) txAck(sess *session, p *protocol.Packet) error {
 		s.engine.storeAsync("rollback", func(ctx context.Context) error {
 			ctx = waitSaved(ctx)
 			unlock := s.lockDecision(id)
+			if err := s.mayDecide(ctx, sess, id); err != nil {
+				unlock()
+				return s.refuseDecision(sess, "rollback", id, err)
+			}
 			err := s.store.Rollback(ctx, id)
 			unlock()
 			if err != nil {
@@ -544,6 +565,63 @@ func (s *Server) txAck(sess *session, p *protocol.Packet) error {
 		sess.logRepeated(zap.InfoLevel, "transaction undecided", tx.GetFeedback(), zap.String("id", clipForLog(id)))
 	}
 	return nil
+}
+
+// errNotProducer: a TX_ACK from a connection of another group than the
+// message's producer group, which alone decides its transaction.
+var errNotProducer = errors.New("not the message's producer group")
+
+// mayDecide returns nil when sess may decide the transaction of message
+// id: its connection belongs to the producer group the message names (an
+// uncommitted message's header groupId is its producer's, see publish).
+// A message the store does not have is left to the store call, which
+// knows what that means for the decision.
+func (s *Server) mayDecide(ctx context.Context, sess *session, id string) error {
+	if origin := s.txcheck.origin(id); origin != nil && origin.groupId == sess.groupId {
+		return nil // the connection that published it, or one of its group
+	}
+	m, err := s.store.Get(ctx, id)
+	switch {
+	case errors.Is(err, storage.ErrNotFound):
+		return nil
+	case err != nil:
+		return fmt.Errorf("read %s to check its producer: %w", id, err)
+	case m.Header.GetGroupId() != sess.groupId:
+		return errNotProducer
+	}
+	return nil
+}
+
+// refuseDecision logs a decision that mayDecide refused. A producer's
+// TX_ACK has no answer in the protocol: the log and the counter are
+// where it shows.
+func (s *Server) refuseDecision(sess *session, op, id string, err error) error {
+	if !errors.Is(err, errNotProducer) {
+		return fmt.Errorf("%s %s: %w", op, id, err)
+	}
+	s.stats.Denied.Add(1)
+	sess.log.Warn("transaction decision refused: the connection is not of the message's producer group",
+		zap.String("op", op), zap.String("id", clipForLog(id)))
+	return nil
+}
+
+// permitted returns the bindings of topic whose groups may consume it:
+// a binding stored before the auth file took that right away routes
+// nothing.
+func (s *Server) permitted(topic string, bs []*binding.Binding) []*binding.Binding {
+	if s.auth.open {
+		return bs
+	}
+	out := bs[:0:0]
+	for _, b := range bs {
+		if s.auth.canSubscribe(b.GroupId, topic) {
+			out = append(out, b)
+		} else {
+			s.log.Warn("binding ignored: its group may not consume the topic (auth file)",
+				zap.String("group", clipForLog(b.GroupId)), zap.String("topic", clipForLog(topic)))
+		}
+	}
+	return out
 }
 
 // bindings takes the bindings a consumer sends over its connection and
@@ -566,6 +644,11 @@ func (s *Server) bindings(sess *session, p *protocol.Packet) error {
 	}
 	served := bs[:0:0]
 	for _, b := range bs {
+		if !sess.perms.sub.allows(b.Topic) {
+			s.stats.Denied.Add(1)
+			return reply(false, fmt.Sprintf("permission denied: group %q may not consume topic %q (its sub= in the auth file: %s)",
+				sess.groupId, b.Topic, sess.perms.sub))
+		}
 		if s.serves(b.Topic) {
 			served = append(served, b)
 		}
@@ -573,7 +656,7 @@ func (s *Server) bindings(sess *session, p *protocol.Packet) error {
 	if err := s.reg.PublishBindings(context.Background(), sess.groupId, served); err != nil {
 		return reply(false, err.Error())
 	}
-	sess.log.Info("bindings", zap.Stringers("bindings", served))
+	sess.log.Info("bindings", zap.Int("count", len(served)), zap.String("bindings", clipForLog(fmt.Sprint(served))))
 	return reply(true, "ok")
 }
 

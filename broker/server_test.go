@@ -32,7 +32,7 @@ func TestAuth(t *testing.T) {
 	if err := os.WriteFile(auth, []byte("# groups\ngood:s3cret\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	b := startBroker(t, func(o *Options) { o.AuthFile = auth })
+	b := startBroker(t, func(o *Options) { o.Auth, o.AuthFile = AuthRequired, auth })
 
 	if ack := dial(t, b.Addr()).handshake("good", "s3cret"); !ack.GetStatus() {
 		t.Fatalf("right secret refused: %s", ack.GetFeedback())

@@ -27,7 +27,8 @@ type session struct {
 	log    *zap.Logger
 	out    *outbox
 
-	groupId string // set once by the handshake
+	groupId string     // set once by the handshake
+	perms   *groupAuth // what the group may do; set with groupId
 	group   *group
 
 	opaque   atomic.Uint32

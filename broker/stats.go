@@ -7,7 +7,9 @@ type Stats struct {
 	Connections     atomic.Int64 // live connections
 	Published       atomic.Int64 // messages received from producers
 	Stored          atomic.Int64 // messages newly saved (store-ack true)
-	Duplicates      atomic.Int64 // publishes of an id already stored
+	Duplicates      atomic.Int64 // publishes of an id already stored for the same message
+	Conflicts       atomic.Int64 // publishes refused: their id is stored for another message
+	Denied          atomic.Int64 // refused by a permission: CONN_META, publish, bindings, TX_ACK
 	Rejected        atomic.Int64 // store-acks with status false
 	Overloaded      atomic.Int64 // publishes refused while -max-pending-bytes were waiting for the store
 	Delivered       atomic.Int64 // deliveries sent to consumers
@@ -35,6 +37,8 @@ type StatsSnapshot struct {
 	Published       int64 `json:"published"`
 	Stored          int64 `json:"stored"`
 	Duplicates      int64 `json:"duplicates"`
+	Conflicts       int64 `json:"conflicts"`
+	Denied          int64 `json:"denied"`
 	Rejected        int64 `json:"rejected"`
 	Overloaded      int64 `json:"overloaded"`
 	Delivered       int64 `json:"delivered"`
@@ -61,7 +65,7 @@ type StatsSnapshot struct {
 func (s *Stats) snapshot() StatsSnapshot {
 	return StatsSnapshot{
 		Connections: s.Connections.Load(), Published: s.Published.Load(), Stored: s.Stored.Load(),
-		Duplicates: s.Duplicates.Load(), Rejected: s.Rejected.Load(), Overloaded: s.Overloaded.Load(), Delivered: s.Delivered.Load(),
+		Duplicates: s.Duplicates.Load(), Conflicts: s.Conflicts.Load(), Denied: s.Denied.Load(), Rejected: s.Rejected.Load(), Overloaded: s.Overloaded.Load(), Delivered: s.Delivered.Load(),
 		DeliverAcked: s.DeliverAcked.Load(), DeliverFailed: s.DeliverFailed.Load(),
 		DeliverTimeouts: s.DeliverTimeouts.Load(), Redirected: s.Redirected.Load(),
 		Finished: s.Finished.Load(), Unrouted: s.Unrouted.Load(), DeadLettered: s.DeadLettered.Load(),

@@ -56,6 +56,14 @@ func (c *txChecker) sent(id string, sess *session) {
 	c.mu.Unlock()
 }
 
+// origin returns the connection that published the uncommitted message
+// id, when it is remembered.
+func (c *txChecker) origin(id string) *session {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.origins[id]
+}
+
 // decided forgets id: its transaction has an outcome.
 func (c *txChecker) decided(id string) {
 	c.mu.Lock()

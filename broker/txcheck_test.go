@@ -15,6 +15,7 @@ import (
 
 func TestTxCheckDelayDoublesToItsCap(t *testing.T) {
 	o := DefaultOptions()
+	o.Auth = AuthOpen // loopback tests
 	var got []string
 	for n := int32(1); n <= 8; n++ {
 		got = append(got, o.txCheckDelay(n).String())

@@ -35,6 +35,7 @@ type testBroker struct {
 func startBroker(t testing.TB, mutate func(*broker.Options)) *testBroker {
 	t.Helper()
 	o := broker.DefaultOptions()
+	o.Auth = broker.AuthOpen // loopback tests
 	o.Bind = "127.0.0.1:0"
 	o.PPort = 0
 	o.DB = "memory://"

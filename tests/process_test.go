@@ -6,6 +6,7 @@ import (
 	"net"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -46,7 +47,7 @@ func TestProcessGracefulShutdown(t *testing.T) {
 		t.Run(sig.String(), func(t *testing.T) {
 			addr := freePort(t)
 			var stderr bytes.Buffer
-			cmd := exec.Command(bin, "-bind="+addr, "-pport=0", "-db=memory://", "-topics=trade")
+			cmd := exec.Command(bin, "-bind="+addr, "-pport=0", "-db=memory://", "-topics=trade", "-auth=open")
 			cmd.Stderr = &stderr
 			if err := cmd.Start(); err != nil {
 				t.Fatal(err)
@@ -96,7 +97,7 @@ func TestProcessGracefulShutdown(t *testing.T) {
 // an error that names the accepted stores.
 func TestProcessBadFlags(t *testing.T) {
 	bin := buildKiteq(t)
-	out, err := exec.Command(bin, "-bind=127.0.0.1:0", "-pport=0", "-db=cassandra://x").CombinedOutput()
+	out, err := exec.Command(bin, "-bind=127.0.0.1:0", "-pport=0", "-db=cassandra://x", "-auth=open").CombinedOutput()
 	ee, ok := err.(*exec.ExitError)
 	if !ok || ee.ExitCode() != 2 {
 		t.Fatalf("exit %v, want code 2\n%s", err, out)
@@ -111,7 +112,11 @@ func TestProcessBadFlags(t *testing.T) {
 func startKiteq(t *testing.T, bin, addr string, args ...string) (*exec.Cmd, *syncBuffer, chan struct{}) {
 	t.Helper()
 	stderr := &syncBuffer{}
-	cmd := exec.Command(bin, append([]string{"-bind=" + addr, "-pport=0"}, args...)...)
+	base := []string{"-bind=" + addr, "-pport=0"}
+	if !slices.ContainsFunc(args, func(a string) bool { return strings.HasPrefix(a, "-auth") }) {
+		base = append(base, "-auth=open") // the tests' brokers are on loopback
+	}
+	cmd := exec.Command(bin, append(base, args...)...)
 	cmd.Stderr = stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)

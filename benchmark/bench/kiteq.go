@@ -56,7 +56,11 @@ func (k *KiteQ) Start(ctx context.Context, tier Tier) (ServerInfo, error) {
 		return ServerInfo{}, err
 	}
 	_, adminPort, _ := net.SplitHostPort(admin)
-	args := append([]string{"-bind=" + addr, "-pport=" + adminPort, "-db=" + db, "-log-level=warn"}, k.Args...)
+	args := []string{"-bind=" + addr, "-pport=" + adminPort, "-db=" + db, "-log-level=warn"}
+	if flagValue(k.Args, "auth") == "" && flagValue(k.Args, "auth-file") == "" {
+		args = append(args, "-auth=open") // a loopback broker of the benchmark's own
+	}
+	args = append(args, k.Args...)
 	p, err := startProcess(ctx, addr, k.Bin, args...)
 	if err != nil {
 		os.RemoveAll(dir)
