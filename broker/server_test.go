@@ -128,6 +128,47 @@ func TestDuplicatePublishStoredOnce(t *testing.T) {
 	}
 }
 
+// TestPublishUnderATakenIdIsRefused: a publish is a duplicate only of the
+// same message from the same producer group; other content, or the same
+// content from another group, under a stored id is refused (conflict),
+// and the stored message is the first one. A retry that leaves createTime
+// out, as the first send did, is the same message.
+func TestPublishUnderATakenIdIsRefused(t *testing.T) {
+	b := startBroker(t, nil)
+	cons := connect(t, b.Addr(), "c")
+	cons.bind("c", bindDirect("c", "trade", "t", 10, true))
+	prod := connect(t, b.Addr(), "p")
+	other := connect(t, b.Addr(), "q")
+	m := newMessage("trade", "t", "first")
+	m.Header.CreateTime = nil
+	if ack := prod.publish(m); !ack.GetStatus() {
+		t.Fatal(ack.GetFeedback())
+	}
+	forged := proto.CloneOf(m)
+	forged.Body = proto.String("second")
+	for who, c := range map[string]struct {
+		conn *testConn
+		msg  *protocol.StringMessage
+	}{"other content": {prod, forged}, "another group": {other, m}} {
+		ack := c.conn.publish(c.msg)
+		if ack.GetStatus() || !strings.Contains(ack.GetFeedback(), "conflict: message id "+m.GetHeader().GetMessageId()) {
+			t.Errorf("%s: status %t feedback %q, want a conflict refusal", who, ack.GetStatus(), ack.GetFeedback())
+		}
+	}
+	if ack := prod.publish(m); !ack.GetStatus() || !strings.Contains(ack.GetFeedback(), "duplicate") {
+		t.Fatalf("retry: status %t feedback %q", ack.GetStatus(), ack.GetFeedback())
+	}
+	op, got := cons.receive()
+	if got.GetBody() != "first" {
+		t.Fatalf("delivered %q, want the first message", got.GetBody())
+	}
+	cons.ack(op, got, "c", true)
+	cons.expectNothing(200 * time.Millisecond)
+	if st := b.Stats(); st.Stored != 1 || st.Duplicates != 1 || st.Conflicts != 2 {
+		t.Fatalf("stored %d duplicates %d conflicts %d, want 1, 1 and 2", st.Stored, st.Duplicates, st.Conflicts)
+	}
+}
+
 func TestDeliverAckRetryAndFinish(t *testing.T) {
 	b := startBroker(t, nil)
 	cons := connect(t, b.Addr(), "c")
