@@ -600,7 +600,7 @@ func (s *Server) refuseDecision(sess *session, op, id string, err error) error {
 		return fmt.Errorf("%s %s: %w", op, id, err)
 	}
 	s.stats.Denied.Add(1)
-	sess.log.Warn("transaction decision refused: the connection is not of the message's producer group",
+	sess.logRepeated(zap.WarnLevel, "transaction decision refused", "the connection is not of the message's producer group",
 		zap.String("op", op), zap.String("id", clipForLog(id)))
 	return nil
 }

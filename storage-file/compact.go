@@ -42,6 +42,7 @@ func (s *Store) maintain() {
 		oldest := s.segIDs[0]
 		s.mu.Lock()
 		live := s.idx.segs[oldest].live
+		liveBytes := s.idx.segs[oldest].liveBytes
 		compact := s.needsCompactionLocked(oldest)
 		s.mu.Unlock()
 		if live == 0 {
@@ -51,6 +52,19 @@ func (s *Store) maintain() {
 				return
 			}
 			continue
+		}
+		switch {
+		case !compact:
+			s.space.compactDebt = 0
+		case !s.roomToCompact(liveBytes):
+			// Copies that cannot all be made free nothing and take the
+			// room that finishing messages needs: wait for room. One
+			// under way keeps what it still needs from new messages.
+			s.space.compactDebt = 0
+			if s.compactAt > 0 {
+				s.space.compactDebt = liveBytes
+			}
+			compact = false
 		}
 		if compact {
 			if err := s.compactStep(oldest); err != nil {
@@ -97,6 +111,7 @@ func (s *Store) dropOldest() error {
 	s.segMu.Unlock()
 	s.segIDs = s.segIDs[1:]
 	s.compactAt, s.compactVerify = 0, false
+	s.space.compactDebt = 0
 	seg.f.Close()
 	// The segment leaves the log by a rename, which is quick, and the
 	// file is removed in the background (s.remover). Removing a segment
@@ -301,5 +316,8 @@ func (s *Store) compactStep(oldest uint32) error {
 	s.log.Debug("compacted", zap.Uint32("segment", oldest), zap.Int64("from", s.compactAt), zap.Int64("to", at),
 		zap.Int("copied", w.len()))
 	s.compactAt = at
+	s.mu.Lock()
+	s.space.compactDebt = s.idx.segs[oldest].liveBytes // what is left to copy: new messages leave room for it
+	s.mu.Unlock()
 	return nil
 }

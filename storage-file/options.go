@@ -53,18 +53,35 @@ type Options struct {
 	// fraction of its bytes belongs to live messages, or when the dead
 	// bytes of the whole log exceed its live bytes.
 	CompactRatio float64
+	// AcceptMissingSegments lets Open start when segment files are
+	// missing from the middle of the log, which is otherwise an error: the
+	// operator accepts that what they held is lost. Open makes them empty
+	// files, so later opens need it no more.
+	AcceptMissingSegments bool
+	// Reserve is the room on disk that new messages may not take: it is
+	// kept for the records that finish messages (and so delete segments)
+	// when the disk is full. 0 means one segment (SegmentSize).
+	Reserve int64
+}
+
+// reserve is the reserve in bytes: Reserve, or one segment.
+func (o Options) reserve() int64 {
+	if o.Reserve > 0 {
+		return o.Reserve
+	}
+	return o.SegmentSize
 }
 
 // DefaultOptions returns the options of a store in dir: fsync always,
-// 64 MiB segments.
+// 64 MiB segments, a reserve of one segment.
 func DefaultOptions(dir string) Options {
 	return Options{Dir: dir, Sync: SyncAlways, Every: 10 * time.Millisecond, SegmentSize: 64 << 20, CompactRatio: 0.5}
 }
 
-const uriHelp = "file:///path[?fsync=always|interval|never][&every=10ms][&segment=64MiB]"
+const uriHelp = "file:///path[?fsync=always|interval|never][&every=10ms][&segment=64MiB][&reserve=SIZE]"
 
 // ParseURI parses file:///abs/path or file://./rel/path with the query
-// parameters fsync, every and segment.
+// parameters fsync, every, segment and reserve.
 func ParseURI(uri string) (Options, error) {
 	rest, ok := strings.CutPrefix(uri, "file://")
 	if !ok {
@@ -105,6 +122,18 @@ func ParseURI(uri string) (Options, error) {
 				return o, fmt.Errorf("file store: segment=%q: want a size from 1MiB to 2GiB", v)
 			}
 			o.SegmentSize = n
+		case "reserve":
+			n, err := parseSize(v)
+			if err != nil || n < 1<<20 || n > 1<<40 {
+				return o, fmt.Errorf("file store: reserve=%q: want a size from 1MiB to 1024GiB (the default is the segment size)", v)
+			}
+			o.Reserve = n
+		case "accept-missing-segments":
+			b, err := strconv.ParseBool(v)
+			if err != nil {
+				return o, fmt.Errorf("file store: accept-missing-segments=%q: want true or false", v)
+			}
+			o.AcceptMissingSegments = b
 		default:
 			return o, fmt.Errorf("file store: unknown parameter %q (want %s)", key, uriHelp)
 		}

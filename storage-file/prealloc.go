@@ -6,7 +6,6 @@ import (
 	"io"
 	"os"
 	"path/filepath"
-	"syscall"
 )
 
 // With fsync=always or interval, segments are preallocated: written full of
@@ -24,19 +23,20 @@ const spareName = "spare.tmp"
 
 // preparer makes spare segments off the writer's path.
 type preparer struct {
-	dir  string
-	size int64
-	req  chan struct{} // make a spare
-	done chan error    // the spare is ready, or why not
-	busy bool          // a spare is being made
-	have bool          // a spare is ready
-	err  error         // why the last spare could not be made
-	quit chan struct{}
-	exit chan struct{}
+	dir     string
+	size    int64
+	reserve int64         // the room saves leave (room.go): a spare does not take it either
+	req     chan struct{} // make a spare
+	done    chan error    // the spare is ready, or why not
+	busy    bool          // a spare is being made
+	have    bool          // a spare is ready
+	err     error         // why the last spare could not be made
+	quit    chan struct{}
+	exit    chan struct{}
 }
 
-func newPreparer(dir string, size int64) *preparer {
-	p := &preparer{dir: dir, size: size, req: make(chan struct{}, 1), done: make(chan error, 1),
+func newPreparer(dir string, size, reserve int64) *preparer {
+	p := &preparer{dir: dir, size: size, reserve: reserve, req: make(chan struct{}, 1), done: make(chan error, 1),
 		quit: make(chan struct{}), exit: make(chan struct{})}
 	go p.run()
 	return p
@@ -62,13 +62,13 @@ func (p *preparer) run() {
 // log's own writes.
 func (p *preparer) make() error {
 	// Never take the room that appends need: a spare is made only when
-	// the disk has room for it and for one more segment.
-	var st syscall.Statfs_t
-	if err := syscall.Statfs(p.dir, &st); err != nil {
+	// the disk has room for it, for one more segment and for the reserve.
+	free, err := statfs(p.dir)
+	if err != nil {
 		return err
 	}
-	if free := int64(st.Bavail) * st.Bsize; free < 2*p.size {
-		return fmt.Errorf("%d bytes free, too few for a spare segment of %d", free, p.size)
+	if free < 2*p.size+p.reserve {
+		return fmt.Errorf("%d bytes free, too few for a spare segment of %d beside one more and the reserve of %d", free, p.size, p.reserve)
 	}
 	f, err := os.OpenFile(p.path(), os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
 	if err != nil {

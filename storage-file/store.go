@@ -92,6 +92,7 @@ type Store struct {
 	lastBatch      int           // records in the last batch written
 	lastWrite      time.Duration // how long writing it took
 	maintErr       error         // a segment could not be deleted: delete no more
+	space          room          // the disk's free space and the reserve (room.go)
 
 	wake chan struct{}
 	stop chan struct{}
@@ -110,6 +111,20 @@ type batch struct {
 	n    int   // records in the batch
 	ok   int   // records [0, ok) are on disk and applied
 	err  error // why the others failed
+	// errs, when not nil, is the outcome of each record instead of ok and
+	// err: some were refused for want of room (writeBatch).
+	errs []error
+}
+
+// result is the outcome of record i: nil when it is on disk and applied.
+func (b *batch) result(i int) error {
+	if b.errs != nil {
+		return b.errs[i]
+	}
+	if i >= b.ok {
+		return b.err
+	}
+	return nil
 }
 
 func newBatch() *batch { return &batch{done: make(chan struct{})} }
@@ -122,7 +137,7 @@ func Open(opts Options, log *zap.Logger) (*Store, error) {
 	if log == nil {
 		log = zap.NewNop()
 	}
-	if opts.SegmentSize <= 0 || opts.CompactRatio < 0 || opts.CompactRatio > 1 || (opts.Sync == SyncInterval && opts.Every <= 0) {
+	if opts.SegmentSize <= 0 || opts.CompactRatio < 0 || opts.CompactRatio > 1 || (opts.Sync == SyncInterval && opts.Every <= 0) || opts.Reserve < 0 {
 		return nil, fmt.Errorf("file store: invalid options %+v", opts)
 	}
 	if err := os.MkdirAll(opts.Dir, 0o755); err != nil {
@@ -135,13 +150,13 @@ func Open(opts Options, log *zap.Logger) (*Store, error) {
 	s := &Store{
 		opts: opts, log: log, Now: time.Now, lockFile: lock,
 		idx: newIndex(), pending: make(map[msgID]queued), batch: newBatch(),
-		segs: make(map[uint32]*segment),
+		segs: make(map[uint32]*segment), space: newRoom(opts.Dir, opts.reserve()),
 		wake: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{}),
 	}
 	os.Remove(filepath.Join(opts.Dir, spareName)) // left by a run that stopped
 	removeTrash(opts.Dir, log)
 	if opts.Sync != SyncNever {
-		s.prep = newPreparer(opts.Dir, opts.SegmentSize)
+		s.prep = newPreparer(opts.Dir, opts.SegmentSize, opts.reserve())
 	}
 	if err := s.recover(); err != nil {
 		if s.prep != nil {
@@ -244,6 +259,7 @@ func (s *Store) roll() error {
 			s.fail(fmt.Errorf("truncate %s: %w", s.active.f.Name(), err))
 			return err
 		}
+		s.preallocated = false // its room is gone, should the roll fail (heldRoom)
 		if s.dirty || s.prep != nil {
 			if err := s.active.f.Sync(); err != nil {
 				s.fail(fmt.Errorf("fsync %s: %w", s.active.f.Name(), err))
@@ -353,8 +369,8 @@ func (s *Store) wait(ctx context.Context, op string, b *batch, i int) error {
 		// waiting for it.
 		return fmt.Errorf("file store: %s: %w", op, ctx.Err())
 	}
-	if i >= b.ok {
-		return fmt.Errorf("file store: %s: %w", op, b.err)
+	if err := b.result(i); err != nil {
+		return fmt.Errorf("file store: %s: %w", op, err)
 	}
 	return nil
 }
@@ -504,7 +520,7 @@ func (s *Store) flush() {
 		// Queued before the failure: nothing more goes to the log.
 		b.ok, b.err = 0, fmt.Errorf("refusing writes after a failure: %w", failed)
 	} else {
-		b.ok, b.err = s.write(&w)
+		s.writeBatch(&w, b)
 	}
 	s.lastBatch, s.lastWrite = b.n, time.Since(start)
 	s.mu.Lock()
@@ -579,6 +595,7 @@ func (s *Store) write(w *writeQueue) (int, error) {
 			s.dirty = true
 			s.handOff(s.activeSize + int64(n))
 		}
+		s.grew(int64(n))
 		for i := written; i < end; i++ {
 			positions = append(positions, pos{seg: s.active.id, off: uint32(s.activeSize), size: sizes[i]})
 			s.activeSize += int64(sizes[i])
