@@ -197,8 +197,11 @@ func TestForgedIdsCannotTakeOverAnotherProducersMessages(t *testing.T) {
 
 	// An id that is taken, by the attacker's committed message, is refused
 	// to shop with a reason, not acknowledged as a duplicate.
+	// Delayed, so that the ids stay taken: a finished message frees its id.
+	later := proto.Int64(time.Now().Add(30 * time.Minute).UnixMilli())
 	taken := newMessage("trade", "pay-succ", "the attacker's")
 	taken.Header.GroupId = proto.String("attacker")
+	taken.Header.DeliverAt = later
 	a.sendPacket(1, protocol.CmdStringMessage, taken)
 	if ack := a.readStoreAcks(1)[1]; !ack.GetStatus() {
 		t.Fatalf("attacker's own message refused: %s", ack.GetFeedback())
@@ -210,15 +213,18 @@ func TestForgedIdsCannotTakeOverAnotherProducersMessages(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "conflict") {
 		t.Fatalf("shop's send under a taken id: %v, want a conflict refusal", err)
 	}
-	// The same message sent twice is one message: the second is a retry.
+	// The same content from another producer group is another message.
 	again := newMessage("trade", "pay-succ", "sent twice")
 	again.Header.GroupId = proto.String("shop")
+	again.Header.DeliverAt = later
 	a.sendPacket(2, protocol.CmdStringMessage, again)
 	a.readStoreAcks(1)
 	if err := shop.SendStringMessage(again); err == nil || !strings.Contains(err.Error(), "conflict") {
 		t.Fatalf("shop's copy of the attacker's message (same content, other group): %v, want a conflict refusal", err)
 	}
-	retry := newMessage("trade", "order", "retried") // no binding: stays stored until it is finished
+	// The same message sent twice by its producer is one message: the
+	// second is a retry. Uncommitted, it stays stored meanwhile.
+	retry := newMessage("trade", "order", "retried")
 	retry.Header.GroupId = proto.String("shop")
 	retry.Header.Commit = proto.Bool(false)
 	r, ack := rawLogin(t, addr, "shop", "shop-secret")
@@ -227,10 +233,14 @@ func TestForgedIdsCannotTakeOverAnotherProducersMessages(t *testing.T) {
 	}
 	r.sendPacket(1, protocol.CmdStringMessage, retry)
 	r.sendPacket(2, protocol.CmdStringMessage, retry)
-	for opaque, ack := range r.readStoreAcks(2) {
+	acks := r.readStoreAcks(2)
+	for opaque, ack := range acks {
 		if !ack.GetStatus() {
 			t.Fatalf("send %d of the same message by its producer: %s", opaque, ack.GetFeedback())
 		}
+	}
+	if f1, f2 := acks[1].GetFeedback(), acks[2].GetFeedback(); !strings.Contains(f1+f2, "stored") || !strings.Contains(f1+f2, "duplicate") {
+		t.Fatalf("two sends of the same message: %q and %q, want one stored and one duplicate", f1, f2)
 	}
 }
 
