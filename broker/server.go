@@ -632,11 +632,12 @@ func (s *Server) bindings(sess *session, p *protocol.Packet) error {
 		return fatalf("bad BINDINGS: %v", err)
 	}
 	reply := func(ok bool, feedback string) error {
+		feedback = clipTo(feedback, feedbackClipBytes) // it may quote the client's strings
 		sess.send(p.Opaque, protocol.CmdBindingsAck, &protocol.BindingsAck{Status: &ok, Feedback: &feedback})
 		return nil
 	}
 	if pkt.GetGroupId() != sess.groupId {
-		return reply(false, fmt.Sprintf("bindings of group %q on a connection of group %q", pkt.GetGroupId(), sess.groupId))
+		return reply(false, fmt.Sprintf("bindings of group %q on a connection of group %q", clipForLog(pkt.GetGroupId()), clipForLog(sess.groupId)))
 	}
 	bs, err := binding.FromProto(pkt.GetBindings())
 	if err != nil {
@@ -647,7 +648,7 @@ func (s *Server) bindings(sess *session, p *protocol.Packet) error {
 		if !sess.perms.sub.allows(b.Topic) {
 			s.stats.Denied.Add(1)
 			return reply(false, fmt.Sprintf("permission denied: group %q may not consume topic %q (its sub= in the auth file: %s)",
-				sess.groupId, b.Topic, sess.perms.sub))
+				clipForLog(sess.groupId), clipForLog(b.Topic), sess.perms.sub))
 		}
 		if s.serves(b.Topic) {
 			served = append(served, b)
