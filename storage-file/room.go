@@ -2,6 +2,7 @@ package filestore
 
 import (
 	"fmt"
+	"slices"
 	"syscall"
 	"time"
 
@@ -104,8 +105,9 @@ func (s *Store) roomFor(need int64) (room int64, ok bool) {
 	return r.free + held, r.ok
 }
 
-// grew notes that n bytes are being appended at the end of the active
-// segment: what falls outside a preallocated segment takes free space.
+// grew notes that n bytes were appended at the end of the active segment
+// (before activeSize moves past them): what falls outside a preallocated
+// segment took free space.
 func (s *Store) grew(n int64) {
 	from := s.activeSize
 	if s.preallocated {
@@ -123,30 +125,39 @@ func publishes(k recordKind) bool { return k == recSave || k == recRedeliver }
 // admit returns, for each record of w, whether it is refused for want of
 // room; nil when none is. Records are taken in order: a publish only when
 // the room left after it is at least the reserve (and what a compaction
-// under way still needs), every other record as long as there is room.
+// under way still needs), every other record always (a write that finds
+// no room fails, as it would have).
 func (s *Store) admit(w *writeQueue) []bool {
 	need := int64(len(w.buf))
 	room, ok := s.roomFor(need)
 	r := &s.space
 	if !ok || room-need-r.compactDebt >= r.reserve {
-		s.roomAgain()
+		if r.short && slices.ContainsFunc(w.recs, func(r record) bool { return publishes(r.kind) }) {
+			s.roomAgain()
+		}
 		return nil
 	}
 	var refused []bool
+	taken := false // a publish
 	avail := room - r.compactDebt
 	for i := range w.recs {
 		size := int64(w.sizes[i])
-		if publishes(w.recs[i].kind) && avail-size < r.reserve {
-			if refused == nil {
-				refused = make([]bool, w.len())
+		if publishes(w.recs[i].kind) {
+			if avail-size < r.reserve {
+				if refused == nil {
+					refused = make([]bool, w.len())
+				}
+				refused[i] = true
+				continue
 			}
-			refused[i] = true
-			continue
+			taken = true
 		}
 		avail -= size
 	}
 	if refused == nil {
-		s.roomAgain()
+		if taken {
+			s.roomAgain()
+		}
 		return nil
 	}
 	s.noteRefused(refused, room)
