@@ -110,6 +110,7 @@ func (s *Store) dropOldest() error {
 	delete(s.segs, oldest)
 	s.segMu.Unlock()
 	s.segIDs = s.segIDs[1:]
+	delete(s.skipped, oldest)
 	s.compactAt, s.compactVerify = 0, false
 	s.space.compactDebt = 0
 	seg.f.Close()
@@ -208,6 +209,20 @@ func (s *Store) compactStep(oldest uint32) error {
 	s.mu.Lock()
 	size := s.idx.segs[oldest].size
 	s.mu.Unlock()
+	// The damaged regions that recovery skipped are stepped over, never
+	// read as records: a step walks one run of good records at most.
+	end := size
+	for _, d := range s.skipped[oldest] {
+		if d.end <= s.compactAt {
+			continue
+		}
+		if d.off <= s.compactAt {
+			s.compactAt = d.end
+			continue
+		}
+		end = d.off
+		break
+	}
 	if s.compactAt >= size {
 		// Everything was copied, and applied: the segment is deleted once
 		// nothing in it is live. Something live left means the walk missed
@@ -228,10 +243,10 @@ func (s *Store) compactStep(oldest uint32) error {
 		p pos
 	}
 	var cands []candidate
-	br := bufio.NewReaderSize(io.NewSectionReader(seg.f, s.compactAt, size-s.compactAt), 256<<10)
+	br := bufio.NewReaderSize(io.NewSectionReader(seg.f, s.compactAt, end-s.compactAt), 256<<10)
 	at := s.compactAt
 	var hdr [recordHeaderLen]byte
-	for at < size && at-s.compactAt < compactChunk {
+	for at < end && at-s.compactAt < compactChunk {
 		if _, err := io.ReadFull(br, hdr[:]); err != nil {
 			return fmt.Errorf("read %s at %d: %w", seg.f.Name(), at, err)
 		}

@@ -403,19 +403,31 @@ func openObserved(dir string, mutate func(*Options)) (*Store, *observer.Observed
 	return s, logs, err
 }
 
-// checkOpenLog checks that Open logged exactly one entry, the recovery
-// line, and returns it.
+// checkOpenLog checks that Open logged its recovery line last, and before
+// it only lines that report a damaged region (logSkipped, logCut), and
+// returns the recovery line.
 func checkOpenLog(t *testing.T, logs *observer.ObservedLogs) observer.LoggedEntry {
 	t.Helper()
+	line, _ := openLogLines(t, logs)
+	return line
+}
+
+// openLogLines is checkOpenLog, returning the damage lines too.
+func openLogLines(t *testing.T, logs *observer.ObservedLogs) (observer.LoggedEntry, []observer.LoggedEntry) {
+	t.Helper()
 	all := logs.All()
-	if len(all) != 1 || !strings.HasPrefix(all[0].Message, "file store opened") {
+	ok := len(all) > 0 && strings.HasPrefix(all[len(all)-1].Message, "file store opened")
+	for _, e := range all[:max(len(all)-1, 0)] {
+		ok = ok && e.Level == zapcore.WarnLevel && (e.Message == logSkipped || e.Message == logCut)
+	}
+	if !ok {
 		var msgs []string
 		for _, e := range all {
 			msgs = append(msgs, fmt.Sprintf("%s %q %v", e.Level, e.Message, e.ContextMap()))
 		}
-		t.Fatalf("Open logged %d entries, want exactly one \"file store opened…\" line: %s", len(all), strings.Join(msgs, "; "))
+		t.Fatalf("Open logged %d entries, want one \"file store opened…\" line, after a line for each damaged region: %s", len(all), strings.Join(msgs, "; "))
 	}
-	return all[0]
+	return all[len(all)-1], all[:len(all)-1]
 }
 
 // diskRecord is where a record lies in a segment file.

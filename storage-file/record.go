@@ -212,6 +212,13 @@ func decodeRecord(payload []byte, crc uint32) (*record, error) {
 	if crc32.Checksum(payload, crcTable) != crc {
 		return nil, fmt.Errorf("%w: checksum mismatch", errCorrupt)
 	}
+	return decodePayload(payload)
+}
+
+// decodePayload decodes a payload without checking its checksum: recovery
+// asks first whether a candidate frame has a record's structure, which is
+// cheaper than its checksum when its length is large.
+func decodePayload(payload []byte) (*record, error) {
 	d := decoder{b: payload}
 	r := &record{kind: recordKind(d.byte())}
 	copy(r.id[:], d.take(16))

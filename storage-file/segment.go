@@ -1,10 +1,8 @@
 package filestore
 
 import (
-	"bufio"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"sort"
@@ -64,63 +62,65 @@ type scanResult struct {
 	records int
 	end     int64 // offset after the last good record
 	size    int64 // size of the file
-	bad     error // why reading stopped before size, if it did
+	// damaged are the regions that hold no readable record, in log order:
+	// each was skipped, and reading went on at the next good record.
+	damaged []damagedSpan
+	// tail: the last damaged region ends the segment (what follows it, if
+	// anything, is zeros): no good record comes after it.
+	tail bool
 	// zeroTail: the bytes from end to size are zeros, the unused part of a
 	// preallocated segment.
 	zeroTail bool
 }
 
-// scan reads every record of seg in order and calls fn with each. It stops
-// at the first record that is torn or corrupt and reports where.
-func scan(seg *segment, fn func(r *record, p pos)) (scanResult, error) {
+// damagedSpan is a region of a segment that holds no readable record.
+type damagedSpan struct {
+	off, end int64
+	why      error // what was wrong with the frame at off
+}
+
+// scan reads every record of seg in order and calls fn with each. A frame
+// that is torn or corrupt is skipped: reading resynchronises on the next
+// good record after it (resync.go), so one damaged record costs only
+// itself. active says seg is the last segment, the only one a crash can
+// have left a torn append in.
+func scan(seg *segment, active bool, fn func(r *record, p pos)) (scanResult, error) {
 	st, err := seg.f.Stat()
 	if err != nil {
 		return scanResult{}, err
 	}
 	res := scanResult{size: st.Size()}
-	br := bufio.NewReaderSize(io.NewSectionReader(seg.f, 0, res.size), 1<<20)
-	var hdr [recordHeaderLen]byte
-	var payload []byte
-	for res.end < res.size {
-		if _, err := io.ReadFull(br, hdr[:]); err != nil {
-			res.bad = fmt.Errorf("torn record header: %w", err)
-			return res, nil
+	sr := &segReader{f: seg.f, size: res.size}
+	for off := int64(0); off < res.size; {
+		r, n, err := sr.frameAt(off)
+		if err == nil {
+			fn(r, pos{seg: seg.id, off: uint32(off), size: uint32(n)})
+			res.records++
+			off += int64(n)
+			res.end = off
+			continue
 		}
-		n, crc, err := parseRecordHeader(hdr[:])
-		if err != nil {
-			// Zeros from here to the end are the unused part of a
-			// preallocated segment: the log ends cleanly here.
-			if hdr == ([recordHeaderLen]byte{}) {
-				if zero, zerr := allZero(seg.f, res.end, res.size); zerr != nil {
-					return res, zerr
-				} else if zero {
-					res.zeroTail = true
-					return res, nil
-				}
-			}
-			res.bad = err
-			return res, nil
-		}
-		if res.end+recordHeaderLen+int64(n) > res.size {
-			res.bad = fmt.Errorf("torn record: %d bytes announced, %d left", n, res.size-res.end-recordHeaderLen)
-			return res, nil
-		}
-		if cap(payload) < n {
-			payload = make([]byte, n)
-		}
-		payload = payload[:n]
-		if _, err := io.ReadFull(br, payload); err != nil {
+		if !errors.Is(err, errCorrupt) {
 			return res, err
 		}
-		r, err := decodeRecord(payload, crc)
-		if err != nil {
-			res.bad = err
+		// Zeros from here to the end are the unused part of a preallocated
+		// segment: the log ends cleanly here.
+		if zero, zerr := allZero(seg.f, off, res.size); zerr != nil {
+			return res, zerr
+		} else if zero {
+			res.zeroTail = true
 			return res, nil
 		}
-		size := recordHeaderLen + n
-		fn(r, pos{seg: seg.id, off: uint32(res.end), size: uint32(size)})
-		res.records++
-		res.end += int64(size)
+		next, found, rerr := sr.damageEnd(off, active)
+		if rerr != nil {
+			return res, rerr
+		}
+		res.damaged = append(res.damaged, damagedSpan{off: off, end: next, why: err})
+		if !found {
+			res.tail = true
+			return res, nil
+		}
+		off = next
 	}
 	return res, nil
 }

@@ -6,7 +6,9 @@
 // Durability follows Options.Sync. With SyncAlways (the default) a call
 // returns once its record is on disk, and calls running at the same time
 // share one fsync. After a crash at any byte, Open truncates a torn tail
-// and keeps every record before it.
+// and keeps every record before it. A record damaged anywhere else costs
+// only itself: Open skips it, keeps the records after it, copies its bytes
+// to quarantine/ and reports it (recover.go).
 //
 // Space: segments whose messages are all finished are deleted, oldest
 // first; the oldest segment is rewritten (its live messages copied to the
@@ -92,7 +94,12 @@ type Store struct {
 	lastBatch      int           // records in the last batch written
 	lastWrite      time.Duration // how long writing it took
 	maintErr       error         // a segment could not be deleted: delete no more
-	space          room          // the disk's free space and the reserve (room.go)
+	// skipped are the damaged regions that recovery found between good
+	// records of each segment, which compaction steps over; damage is
+	// every region it found (Damage).
+	skipped map[uint32][]damagedSpan
+	damage  []Damage
+	space   room // the disk's free space and the reserve (room.go)
 
 	wake chan struct{}
 	stop chan struct{}
@@ -132,7 +139,9 @@ func newBatch() *batch { return &batch{done: make(chan struct{})} }
 var _ storage.Store = (*Store)(nil)
 
 // Open opens (creating if needed) the store in opts.Dir, rebuilds its index
-// from the segments, and logs what recovery did in one line.
+// from the segments, and logs what recovery did: one line, and one more
+// for each damaged region it skipped or cut off. A segment missing from
+// the middle of the log is an error unless opts.AcceptMissingSegments.
 func Open(opts Options, log *zap.Logger) (*Store, error) {
 	if log == nil {
 		log = zap.NewNop()
@@ -171,77 +180,6 @@ func Open(opts Options, log *zap.Logger) (*Store, error) {
 	}
 	go s.run()
 	return s, nil
-}
-
-// recover replays every segment into the index, truncating what cannot be
-// read, and opens the last segment for appending.
-func (s *Store) recover() error {
-	start := time.Now()
-	ids, err := listSegments(s.opts.Dir)
-	if err != nil {
-		return err
-	}
-	records := 0
-	var truncated []zap.Field
-	var bytes int64
-	lastZeroTail := false
-	for _, id := range ids {
-		seg, err := openSegment(s.opts.Dir, id, false)
-		if err != nil {
-			return err
-		}
-		s.segs[id] = seg
-		s.segIDs = append(s.segIDs, id)
-		res, err := scan(seg, s.idx.apply)
-		if err != nil {
-			return fmt.Errorf("read %s: %w", seg.f.Name(), err)
-		}
-		records += res.records
-		lastZeroTail = res.zeroTail && res.bad == nil
-		if res.bad != nil {
-			// Never leave unreadable bytes behind the last good record:
-			// the next append would follow them.
-			if err := seg.f.Truncate(res.end); err != nil {
-				return fmt.Errorf("truncate %s: %w", seg.f.Name(), err)
-			}
-			if err := seg.f.Sync(); err != nil {
-				return fmt.Errorf("sync %s: %w", seg.f.Name(), err)
-			}
-			truncated = append(truncated, zap.String(fmt.Sprintf("truncated_%010d", id),
-				fmt.Sprintf("%d bytes at offset %d: %v", res.size-res.end, res.end, res.bad)))
-		}
-		if res.zeroTail && id != ids[len(ids)-1] {
-			// A closed segment keeps no preallocated tail (a crash came
-			// between the roll and its truncation).
-			if err := seg.f.Truncate(res.end); err != nil {
-				return fmt.Errorf("truncate %s: %w", seg.f.Name(), err)
-			}
-		}
-		s.idx.seg(id).size = res.end
-		bytes += res.end
-	}
-	if len(s.segIDs) == 0 {
-		if err := s.roll(); err != nil {
-			return err
-		}
-	} else {
-		last := s.segIDs[len(s.segIDs)-1]
-		s.preallocated = lastZeroTail
-		if err := s.setActive(s.segs[last], s.idx.seg(last).size); err != nil {
-			return err
-		}
-	}
-	fields := []zap.Field{
-		zap.String("dir", s.opts.Dir), zap.Stringer("fsync", s.opts.Sync), zap.Int("segments", len(s.segIDs)),
-		zap.Int64("bytes", bytes), zap.Int("records", records), zap.Int("live", s.idx.live),
-		zap.Int("deadLetters", len(s.idx.dead)), zap.Duration("took", time.Since(start)),
-	}
-	if len(truncated) > 0 {
-		s.log.Warn("file store opened after repairing torn or corrupt records", append(fields, truncated...)...)
-	} else {
-		s.log.Info("file store opened", fields...)
-	}
-	return nil
 }
 
 // roll closes the active segment for writing and starts the next one: the
