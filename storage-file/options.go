@@ -78,10 +78,10 @@ func DefaultOptions(dir string) Options {
 	return Options{Dir: dir, Sync: SyncAlways, Every: 10 * time.Millisecond, SegmentSize: 64 << 20, CompactRatio: 0.5}
 }
 
-const uriHelp = "file:///path[?fsync=always|interval|never][&every=10ms][&segment=64MiB][&reserve=SIZE]"
+const uriHelp = "file:///path[?fsync=always|interval|never][&every=10ms][&segment=64MiB][&reserve=SIZE][&accept-missing-segments=true]"
 
 // ParseURI parses file:///abs/path or file://./rel/path with the query
-// parameters fsync, every, segment and reserve.
+// parameters fsync, every, segment, reserve and accept-missing-segments.
 func ParseURI(uri string) (Options, error) {
 	rest, ok := strings.CutPrefix(uri, "file://")
 	if !ok {
