@@ -81,7 +81,7 @@ type damagedSpan struct {
 
 // scan reads every record of seg in order and calls fn with each. A frame
 // that is torn or corrupt is skipped: reading resynchronises on the next
-// good record after it (resync.go), so one damaged record costs only
+// good record after it (recover.go), so one damaged record costs only
 // itself. active says seg is the last segment, the only one a crash can
 // have left a torn append in.
 func scan(seg *segment, active bool, fn func(r *record, p pos)) (scanResult, error) {
