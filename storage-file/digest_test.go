@@ -176,15 +176,7 @@ func TestDigestSurvivesCompaction(t *testing.T) {
 	}
 	finishRound(t, s, 40, 1<<10) // fills the first segment; the log moves on
 	first := segmentFiles(t, dir)[0]
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(maintainEvery) {
-		if _, err := os.Stat(first); os.IsNotExist(err) {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the first segment is still there after 10 s; logged: %v", logs.FilterMessage("file store compaction").All())
-		}
-		finishRound(t, s, 5, 100)
-	}
+	compactAway(t, s, first, logs)
 
 	check := func(when string) {
 		t.Helper()

@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"go.uber.org/zap/zaptest/observer"
+
 	"github.com/kiteq/kiteq/protocol"
 )
 
@@ -25,6 +27,21 @@ func finishRound(t *testing.T, s *Store, n, bodyLen int) {
 		if err := s.Delete(ctx, id); err != nil {
 			t.Fatal(err)
 		}
+	}
+}
+
+// compactAway drives maintain with small finished rounds until the segment
+// file seg is gone (compacted, then removed), at most 10 s.
+func compactAway(t *testing.T, s *Store, seg string, logs *observer.ObservedLogs) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(maintainEvery) {
+		if _, err := os.Stat(seg); os.IsNotExist(err) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s is still there after 10 s; logged: %v", filepath.Base(seg), logs.FilterMessage("file store compaction").All())
+		}
+		finishRound(t, s, 5, 100)
 	}
 }
 
@@ -148,15 +165,7 @@ func TestCompactionSkipsFinishedRecordsUnread(t *testing.T) {
 	}
 
 	// Writes drive maintain: the first segment is compacted, then removed.
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(maintainEvery) {
-		if _, err := os.Stat(first); os.IsNotExist(err) {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the first segment is still there after 10 s; logged: %v", logs.FilterMessage("file store compaction").All())
-		}
-		finishRound(t, s, 5, 100)
-	}
+	compactAway(t, s, first, logs)
 	if n := logs.FilterMessage("file store compaction").Len(); n > 0 {
 		t.Fatalf("compaction failed %d times: %v", n, logs.FilterMessage("file store compaction").All())
 	}

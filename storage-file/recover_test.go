@@ -582,15 +582,7 @@ func TestCompactionStepsOverSkippedDamage(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(maintainEvery) {
-		if _, err := os.Stat(first); os.IsNotExist(err) {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the damaged segment is still there after 10 s; logged: %v", logs.FilterMessage("file store compaction").All())
-		}
-		finishRound(t, s, 5, 100)
-	}
+	compactAway(t, s, first, logs)
 	if n := logs.FilterMessage("file store compaction").Len(); n > 0 {
 		t.Fatalf("compaction failed %d times: %v", n, logs.FilterMessage("file store compaction").All())
 	}

@@ -3,6 +3,7 @@ package tests
 import (
 	"bytes"
 	"fmt"
+	"io"
 	"net"
 	"os/exec"
 	"path/filepath"
@@ -112,6 +113,13 @@ func TestProcessBadFlags(t *testing.T) {
 func startKiteq(t *testing.T, bin, addr string, args ...string) (*exec.Cmd, *syncBuffer, chan struct{}) {
 	t.Helper()
 	stderr := &syncBuffer{}
+	cmd, exited := startKiteqTo(t, stderr, bin, addr, args...)
+	return cmd, stderr, exited
+}
+
+// startKiteqTo is startKiteq with the process's stderr going to stderr.
+func startKiteqTo(t *testing.T, stderr io.Writer, bin, addr string, args ...string) (*exec.Cmd, chan struct{}) {
+	t.Helper()
 	base := []string{"-bind=" + addr, "-pport=0"}
 	if !slices.ContainsFunc(args, func(a string) bool { return strings.HasPrefix(a, "-auth") }) {
 		base = append(base, "-auth=open") // the tests' brokers are on loopback
@@ -137,7 +145,7 @@ func startKiteq(t *testing.T, bin, addr string, args ...string) (*exec.Cmd, *syn
 		}
 		return err == nil
 	})
-	return cmd, stderr, exited
+	return cmd, exited
 }
 
 // syncBuffer is a bytes.Buffer that a process writes while the test reads.

@@ -3,8 +3,6 @@ package tests
 import (
 	"bytes"
 	"math"
-	"net"
-	"os/exec"
 	"strconv"
 	"strings"
 	"sync"
@@ -173,35 +171,6 @@ func (w *countingWriter) String() string {
 	return string(w.head)
 }
 
-// startKiteqCounted is startKiteq with a stderr that is counted, not
-// kept: on main this test's broker wrote gigabytes of it.
-func startKiteqCounted(t *testing.T, bin, addr string, args ...string) *countingWriter {
-	t.Helper()
-	stderr := &countingWriter{}
-	cmd := exec.Command(bin, append([]string{"-bind=" + addr, "-pport=0", "-auth=open"}, args...)...)
-	cmd.Stderr = stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan struct{})
-	go func() {
-		cmd.Wait()
-		close(exited)
-	}()
-	t.Cleanup(func() {
-		cmd.Process.Kill()
-		<-exited
-	})
-	eventually(t, 10*time.Second, "broker listening", func() bool {
-		c, err := net.Dial("tcp", addr)
-		if err == nil {
-			c.Close()
-		}
-		return err == nil
-	})
-	return stderr
-}
-
 // TestRefusalFloodKeepsLogBounded (issue 16): on main a client with a
 // 1 MiB groupId sending small refused publishes made 3 GB of log in 3 s,
 // each refusal logging the whole groupId, and got it back in the
@@ -219,7 +188,8 @@ func TestRefusalFloodKeepsLogBounded(t *testing.T) {
 
 	bin := buildKiteq(t)
 	addr := freePort(t)
-	stderr := startKiteqCounted(t, bin, addr, "-db=memory://", "-topics=trade")
+	stderr := &countingWriter{} // counted, not kept: on main this test's broker wrote gigabytes
+	startKiteqTo(t, stderr, bin, addr, "-db=memory://", "-topics=trade")
 	defer func() {
 		if t.Failed() {
 			t.Logf("stderr: %d bytes, first %d:\n%s", stderr.n.Load(), countingHead, stderr.String())
