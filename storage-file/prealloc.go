@@ -31,8 +31,11 @@ type preparer struct {
 	busy    bool          // a spare is being made
 	have    bool          // a spare is ready
 	err     error         // why the last spare could not be made
-	quit    chan struct{}
-	exit    chan struct{}
+	// finished counts the spares made or given up, as ready saw them:
+	// each changed the free space (room.go reads it again).
+	finished int
+	quit     chan struct{}
+	exit     chan struct{}
 }
 
 func newPreparer(dir string, size, reserve int64) *preparer {
@@ -68,7 +71,7 @@ func (p *preparer) make() error {
 		return err
 	}
 	if free < 2*p.size+p.reserve {
-		return fmt.Errorf("%d bytes free, too few for a spare segment of %d beside one more and the reserve of %d", free, p.size, p.reserve)
+		return p.tooFew(free)
 	}
 	f, err := os.OpenFile(p.path(), os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
 	if err != nil {
@@ -85,6 +88,10 @@ func (p *preparer) make() error {
 		os.Remove(p.path())
 	}
 	return err
+}
+
+func (p *preparer) tooFew(free int64) error {
+	return fmt.Errorf("%d bytes free, too few for a spare segment of %d beside one more and the reserve of %d", free, p.size, p.reserve)
 }
 
 // writeZeros fills the empty file f with size zeros: the whole blocks
@@ -114,9 +121,14 @@ func writeZeros(f *os.File, size int64) error {
 	return fill(f, aligned, size)
 }
 
-// request starts making a spare unless one is ready or being made.
-func (p *preparer) request() {
+// request starts making a spare unless one is ready or being made, or
+// the disk, with free bytes free now, has no room for it (make).
+func (p *preparer) request(free int64) {
 	if p.busy || p.have {
+		return
+	}
+	if free < 2*p.size+p.reserve {
+		p.err = p.tooFew(free)
 		return
 	}
 	p.busy = true
@@ -128,7 +140,7 @@ func (p *preparer) ready() bool {
 	if p.busy {
 		select {
 		case err := <-p.done:
-			p.busy = false
+			p.busy, p.finished = false, p.finished+1
 			p.have = err == nil
 			p.err = err
 		default:

@@ -499,3 +499,45 @@ func TestParseURIReserve(t *testing.T) {
 		}
 	}
 }
+
+// TestReserveHoldsWithoutTimedRefresh: the free space is read only at
+// open, near the reserve and as spares are made (the timed refresh never
+// comes, as in a fill faster than roomRefresh). Each spare takes a
+// segment from the free space; were it counted as room all the same, the
+// saves would eat the reserve and fail on ENOSPC. They must be refused
+// with the reserve kept, and the deletes of all of them must fit.
+func TestReserveHoldsWithoutTimedRefresh(t *testing.T) {
+	const (
+		size    = 12 << 20
+		segment = 1 << 20
+		bodyLen = 8 << 10
+	)
+	orig := roomRefresh
+	roomRefresh = time.Hour
+	defer func() { roomRefresh = orig }()
+	mnt := mountTmpfs(t, size)
+	s := openTest(t, filepath.Join(mnt, "store"), func(o *Options) { o.Sync = SyncAlways; o.SegmentSize = segment })
+	defer s.Close()
+	ctx := context.Background()
+	var saved []string
+	var err error
+	for range 2 * size / bodyLen {
+		id := protocol.MessageId()
+		if _, err = s.Save(ctx, faultMessage(id, true, time.Now().UnixMilli(), bodyLen)); err != nil {
+			break
+		}
+		saved = append(saved, id)
+	}
+	if err == nil {
+		t.Fatalf("%d saves of %d bytes on a %d MiB disk and none failed", len(saved), bodyLen, size>>20)
+	}
+	checkFull(t, err)
+	if errors.Is(err, syscall.ENOSPC) {
+		t.Fatalf("after %d saves, one failed on the disk itself, not refused to keep the reserve: %v", len(saved), err)
+	}
+	for _, id := range saved {
+		if err := s.Delete(ctx, id); err != nil {
+			t.Fatalf("delete %s on the full disk: %v", id, err)
+		}
+	}
+}

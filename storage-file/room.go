@@ -2,6 +2,7 @@ package filestore
 
 import (
 	"fmt"
+	"math"
 	"slices"
 	"syscall"
 	"time"
@@ -24,12 +25,15 @@ import (
 // Room is what the log can write without taking a block it does not hold:
 // the file system's free space, plus the unused part of the active segment
 // and the whole spare when they were preallocated (their blocks are the
-// store's already). The free space is read with statfs every roomRefresh,
-// and at every write near the reserve, and in between lowered by what the
-// log appends outside preallocated blocks.
+// store's already), less a whole segment while a spare is being made (the
+// preparer takes its blocks from the free space). The free space is read
+// with statfs every roomRefresh, at every write near the reserve and once
+// each spare is made or given up, and in between lowered by what the log
+// appends outside preallocated blocks.
 
-// roomRefresh is how often the free space is read far from the reserve.
-const roomRefresh = 100 * time.Millisecond
+// roomRefresh is how often the free space is read far from the reserve;
+// tests lengthen it.
+var roomRefresh = 100 * time.Millisecond
 
 // statfs reads the free space of the file system at dir; tests replace it.
 var statfs = func(dir string) (int64, error) {
@@ -59,6 +63,10 @@ type room struct {
 	// compactDebt is the live bytes that a compaction under way still has
 	// to copy: room that publishes may not take, or it could not finish.
 	compactDebt int64
+	// spares is the preparer's count of spares made or given up at the
+	// last statfs: a spare's blocks leave the free space as it is made,
+	// and free does not see it until it is read again.
+	spares int
 }
 
 const roomLogEvery = 10 * time.Second
@@ -81,25 +89,54 @@ func (r *room) refresh(log *zap.Logger) {
 }
 
 // heldRoom is the room of the log in blocks it holds already: the rest of
-// a preallocated active segment and a spare that is ready.
+// a preallocated active segment and a spare that is ready; less a segment
+// while a spare is being made: the free space was read before it began
+// (requestSpare), and the preparer is taking the segment's blocks from it.
 func (s *Store) heldRoom() int64 {
 	var n int64
 	if s.preallocated {
 		n += max(0, s.opts.SegmentSize-s.activeSize)
 	}
-	if s.prep != nil && s.prep.ready() {
-		n += s.opts.SegmentSize
+	if s.prep != nil {
+		if s.prep.ready() {
+			n += s.opts.SegmentSize
+		} else if s.prep.busy {
+			n -= s.opts.SegmentSize
+		}
 	}
 	return n
 }
 
+// requestSpare asks the preparer for the next spare segment. The free
+// space is read first, before the preparer takes any of it: until the
+// spare is made, heldRoom counts its whole segment as taken, and a
+// request the disk has no room for is not made at all.
+func (s *Store) requestSpare() {
+	if s.prep.ready() || s.prep.busy {
+		return
+	}
+	r := &s.space
+	r.refresh(s.log)
+	r.spares = s.prep.finished
+	free := r.free
+	if !r.ok {
+		free = math.MaxInt64 // the preparer reads it again, and fails with why
+	}
+	s.prep.request(free)
+}
+
 // roomFor returns the room the log has for a write of need bytes, reading
-// the free space again when the last reading is old or the write comes
-// near the reserve; ok is false when the free space cannot be read.
+// the free space again when the last reading is old, a spare was made or
+// given up since, or the write comes near the reserve; ok is false when
+// the free space cannot be read.
 func (s *Store) roomFor(need int64) (room int64, ok bool) {
 	r := &s.space
-	held := s.heldRoom()
-	if r.at.IsZero() || time.Since(r.at) >= roomRefresh || r.free+held-need < r.reserve+2*s.opts.SegmentSize {
+	held := s.heldRoom() // first: it notes a spare just made
+	spareDone := s.prep != nil && s.prep.finished != r.spares
+	if r.at.IsZero() || spareDone || time.Since(r.at) >= roomRefresh || r.free+held-need < r.reserve+2*s.opts.SegmentSize {
+		if s.prep != nil {
+			r.spares = s.prep.finished
+		}
 		r.refresh(s.log)
 	}
 	return r.free + held, r.ok

@@ -176,7 +176,7 @@ func Open(opts Options, log *zap.Logger) (*Store, error) {
 	}
 	s.remover = newRemover(log)
 	if s.prep != nil && !s.preallocated {
-		s.prep.request()
+		s.requestSpare()
 	}
 	go s.run()
 	return s, nil
@@ -541,7 +541,7 @@ func (s *Store) write(w *writeQueue) (int, error) {
 		off += n
 		written = end
 		if s.prep != nil && s.activeSize > s.opts.SegmentSize/2 {
-			s.prep.request() // the next segment, ready before it is needed
+			s.requestSpare() // the next segment, ready before it is needed
 		}
 	}
 	w.positions = positions
