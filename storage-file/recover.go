@@ -580,31 +580,38 @@ func plausibleFrame(kind recordKind, n int64) bool {
 // good record (found), or, when none follows, where the bytes that are
 // not zeros end.
 //
-// When the damaged frame's header gives a length over which its payload
-// has a record's structure, and a good record, the end of the file or
-// zeros follow, only its content is damaged and the region is exactly that
-// frame. Otherwise the next good record is the first good frame after off.
-// In the active segment the damage may be an append torn by a crash, whose
-// payload (a message body) can hold bytes that frame as a record: there a
-// frame inside the length the damaged header gives is taken only when the
-// damaged record's own checksum proves that it ends there (a length field
-// that alone was damaged). Closed segments were fsynced before the next
-// one began, so they hold no torn append.
+// A message body is a client's bytes and can hold bytes that frame as
+// records, so a frame inside the damaged record is never taken for the
+// next record on its own, in any segment: bit rot hits closed segments
+// too. The damaged record ends, in this order of evidence:
+//   - where its header says, when its payload has a record's fields over
+//     that length and a good record, the end of the file or zeros follow
+//     (its content alone is damaged);
+//   - where its own checksum proves it ends, over a payload with a
+//     record's fields (its length field alone is damaged);
+//   - where its header says, when a good record, the end of the file or
+//     zeros follow there;
+//   - else (more than one field damaged, or bytes that are no header) at
+//     the first good record at or after that end, or before it when a
+//     chain of good records from there reaches it. When the header's
+//     length overruns the file or is none, the chain must reach the end
+//     of the data; in the active segment such a header is the start of an
+//     append torn by a crash, whose body is all that follows it, and only
+//     the checksum ends it.
 func (r *segReader) damageEnd(off int64, active bool) (int64, bool, error) {
 	var n int64
 	var crc uint32
-	plausible := false
 	if r.size-off >= recordHeaderLen {
 		h, err := r.at(off, recordHeaderLen)
 		if err != nil {
 			return 0, false, err
 		}
-		if ln, c, err := parseRecordHeader(h); err == nil {
-			n, crc, plausible = int64(ln), c, true
-		}
+		n, crc = int64(binary.LittleEndian.Uint32(h)), binary.LittleEndian.Uint32(h[4:])
 	}
+	plausible := n >= minPayload && n <= maxRecordLen
 	claimedEnd := off + recordHeaderLen + n
-	if plausible && claimedEnd <= r.size {
+	within := plausible && claimedEnd <= r.size
+	if within {
 		fit, err := r.fieldsFit(off+recordHeaderLen, n)
 		if err != nil {
 			return 0, false, err
@@ -629,32 +636,113 @@ func (r *segReader) damageEnd(off int64, active bool) (int64, bool, error) {
 			}
 		}
 	}
-	accept := func(c int64) (bool, error) {
-		if !active || !plausible || c >= claimedEnd {
-			return true, nil
-		}
-		if c-off < minFrame {
+
+	// The checksum proves an end c when it matches the first c-off bytes
+	// after the header; it is summed on as the candidates grow.
+	proofLast := min(r.size, off+recordHeaderLen+maxRecordLen)
+	sum, summed := uint32(0), off+recordHeaderLen
+	proves := func(c int64) (bool, error) {
+		if c-off < minFrame || c < summed || c > proofLast {
 			return false, nil
 		}
-		p, err := r.at(off+recordHeaderLen, int(c-off-recordHeaderLen))
-		if err != nil {
-			return false, err
+		for summed < c {
+			k := min(c-summed, scanWindow/2)
+			p, err := r.at(summed, int(k))
+			if err != nil {
+				return false, err
+			}
+			sum = crc32.Update(sum, crcTable, p)
+			summed += k
 		}
-		return crc32.Checksum(p, crcTable) == crc, nil
+		if sum != crc {
+			return false, nil
+		}
+		return r.fieldsFit(off+recordHeaderLen, c-off-recordHeaderLen)
 	}
-	next, err := r.nextFrame(off+1, accept)
+	if r.size-off >= recordHeaderLen {
+		next, err := r.nextFrame(off+minFrame, proofLast, proves)
+		if err != nil || next >= 0 {
+			return next, err == nil, err
+		}
+	}
+	dataEnd, err := r.dataEnd(off)
+	if err != nil {
+		return 0, false, err
+	}
+	// No good record follows the proven end: the damage ends the data
+	// (a record's last bytes may be zeros, so the proof looks into them).
+	for c := max(dataEnd, off+minFrame); c <= min(proofLast, dataEnd+maxZeroProof); c++ {
+		if ok, err := proves(c); err != nil || ok {
+			return dataEnd, false, err
+		}
+	}
+	if ok, err := proves(r.size); err != nil || ok {
+		return dataEnd, false, err
+	}
+
+	if within {
+		if claimedEnd == r.size || claimedEnd >= dataEnd {
+			return claimedEnd, false, nil
+		}
+		ok, err := r.goodFrameAt(claimedEnd)
+		if err != nil || ok {
+			return claimedEnd, err == nil, err
+		}
+	} else if active && plausible {
+		return dataEnd, false, nil
+	}
+	// A chain of good frames from c reaches the claimed end, or the end of
+	// the data when there is none; the frames of a chain that fell short
+	// are not tried again.
+	target := claimedEnd
+	if !within {
+		target = dataEnd
+	}
+	short := make(map[int64]bool)
+	accept := func(c int64) (bool, error) {
+		if within && c >= claimedEnd {
+			return true, nil
+		}
+		var walked []int64
+		for x := c; ; {
+			if x >= target {
+				return true, nil
+			}
+			ok, err := r.goodFrameAt(x)
+			if err != nil {
+				return false, err
+			}
+			if !ok || short[x] {
+				break
+			}
+			walked = append(walked, x)
+			h, err := r.at(x, 4)
+			if err != nil {
+				return false, err
+			}
+			x += recordHeaderLen + int64(binary.LittleEndian.Uint32(h))
+		}
+		for _, x := range walked {
+			short[x] = true
+		}
+		return false, nil
+	}
+	next, err := r.nextFrame(off+1, r.size, accept)
 	if err != nil || next >= 0 {
 		return next, err == nil, err
 	}
-	end, err := r.dataEnd(off)
-	return end, false, err
+	return dataEnd, false, nil
 }
 
-// nextFrame returns the offset of the first good frame at or after from
+// maxZeroProof bounds how far into the zeros that end a segment the
+// checksum of a damaged record is tried.
+const maxZeroProof = 64 << 10
+
+// nextFrame returns the offset of the first good frame in [from, limit]
 // that accept takes, or -1 when there is none.
-func (r *segReader) nextFrame(from int64, accept func(c int64) (bool, error)) (int64, error) {
+func (r *segReader) nextFrame(from, limit int64, accept func(c int64) (bool, error)) (int64, error) {
 	const chunk = 64 << 10
-	last := r.size - (minFrame) // the last offset a record fits at
+	last := min(limit, r.size-minFrame) // the last offset a record fits at
 	for c := from; c <= last; {
 		// The bytes of the header and kind of every offset in [c, c+k].
 		b, err := r.at(c, int(min(chunk, last-c+recordHeaderLen+1)))

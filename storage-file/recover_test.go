@@ -758,3 +758,104 @@ func TestTornAppendWithRecordsInItsBodyIsCutWhole(t *testing.T) {
 		})
 	}
 }
+
+// A message body is a client's bytes and can hold correctly framed
+// records. When one bit of the length of the record that carries it flips
+// (bit 0 of byte 1: 256 bytes more or fewer), the frames in its body are
+// not records of the log, in a closed segment as in the active one: here a
+// delete of another message, the commit of an undecided one and the save
+// of a message never sent. The carrier alone is lost, and reported as one
+// region of its own length.
+func TestFramesInTheBodyOfARecordWithADamagedLength(t *testing.T) {
+	for _, closed := range []bool{true, false} {
+		// The two carriers' lengths differ by 256: the flip lengthens one
+		// and shortens the other, and the frames lie in the last 256 bytes.
+		for _, pad := range []int{300, 556} {
+			t.Run(fmt.Sprintf("closed=%v/pad=%d", closed, pad), func(t *testing.T) {
+				dir := t.TempDir()
+				mutate := func(o *Options) { o.SegmentSize, o.Sync = 64<<10, SyncNever }
+				s := openTest(t, dir, mutate)
+				ctx := context.Background()
+				next := time.Now().UnixMilli()
+				want := make(map[string]mstate)
+				save := func(id string, committed bool, body []byte) {
+					t.Helper()
+					m := faultMessage(id, committed, next, 100)
+					if body != nil {
+						m.Body = body
+					}
+					if stored, err := s.Save(ctx, m); err != nil || !stored {
+						t.Fatalf("save: stored=%v err=%v", stored, err)
+					}
+					want[id] = mstate{present: true, committed: committed, next: next, bodyLen: 100}
+				}
+				victim, txn := protocol.MessageId(), protocol.MessageId()
+				save(victim, true, nil)
+				save(txn, false, nil)
+				vid, _ := parseID(victim)
+				tid, _ := parseID(txn)
+				forged := protocol.MessageId()
+				fid, _ := parseID(forged)
+				fr, err := saveRecord(fid, faultMessage(forged, true, next, 10), flagCommitted, "", 0)
+				if err != nil {
+					t.Fatal(err)
+				}
+				body := bytes.Repeat([]byte("p"), pad)
+				body = appendRecord(body, &record{kind: recDelete, id: vid})
+				body = appendRecord(body, &record{kind: recCommit, id: tid, next: next})
+				body = appendRecord(body, fr)
+				body = append(body, "qqqqqqqq"...)
+				carrier := protocol.MessageId()
+				save(carrier, true, body)
+				delete(want, carrier)
+				more := 3
+				if closed {
+					more = 500 // 64 KiB segments: the carrier's is closed
+				}
+				for range more {
+					save(protocol.MessageId(), true, nil)
+				}
+				if err := s.Close(); err != nil {
+					t.Fatal(err)
+				}
+				files := segmentFiles(t, dir)
+				cid, _ := parseID(carrier)
+				var path string
+				var data []byte
+				var rec diskRecord
+				for i, f := range files {
+					b, err := os.ReadFile(f)
+					if err != nil {
+						t.Fatal(err)
+					}
+					recs, _, _ := parseSegment(b)
+					for _, r := range recs {
+						if bytes.Equal(b[r.off+9:r.off+25], cid[:]) {
+							if closed == (i == len(files)-1) {
+								t.Fatalf("setup: the carrier is in segment %d of %d", i+1, len(files))
+							}
+							path, data, rec = f, b, r
+						}
+					}
+				}
+				if path == "" || rec.end() == int64(len(data)) {
+					t.Fatal("setup: the carrier is not a record with one after it")
+				}
+				data[rec.off+1] ^= 1
+				if err := os.WriteFile(path, data, 0o644); err != nil {
+					t.Fatal(err)
+				}
+				name := filepath.Base(path)
+				damage := []damageWant{{seg: name, off: rec.off, length: rec.size, id: carrier}}
+				before := map[string][]byte{name: data}
+				s = openDamaged(t, dir, mutate, want, []string{carrier, forged}, nil, damage, before)
+				if got := fileSize(t, path); got != int64(len(data)) {
+					t.Fatalf("%s is %d bytes after Open, was %d", name, got, len(data))
+				}
+				if err := s.Close(); err != nil {
+					t.Fatal(err)
+				}
+			})
+		}
+	}
+}
