@@ -55,6 +55,9 @@ type Store struct {
 	pending map[msgID]queued // records queued and not yet applied, by id
 	q       writeQueue       // records for the writer
 	batch   *batch           // the callers waiting for q
+	// saving holds the Digest of each save in pending, so that a Save of
+	// the same id that waited for it decides on it.
+	saving map[msgID][]byte
 	// gatherTarget: the writer is gathering a batch of this many records
 	// and wants to be woken only when it is full (0: at every record).
 	gatherTarget int
@@ -100,6 +103,10 @@ type Store struct {
 	skipped map[uint32][]damagedSpan
 	damage  []Damage
 	space   room // the disk's free space and the reserve (room.go)
+
+	// savedWaited, when set (tests), runs after a Save waited for a queued
+	// record of its id and before it decides.
+	savedWaited func()
 
 	wake chan struct{}
 	stop chan struct{}
@@ -158,7 +165,7 @@ func Open(opts Options, log *zap.Logger) (*Store, error) {
 	}
 	s := &Store{
 		opts: opts, log: log, Now: time.Now, lockFile: lock,
-		idx: newIndex(), pending: make(map[msgID]queued), batch: newBatch(),
+		idx: newIndex(), pending: make(map[msgID]queued), saving: make(map[msgID][]byte), batch: newBatch(),
 		segs: make(map[uint32]*segment), space: newRoom(opts.Dir, opts.reserve()),
 		wake: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{}),
 	}
@@ -465,6 +472,7 @@ func (s *Store) flush() {
 	for i := range w.recs {
 		if q, ok := s.pending[w.recs[i].id]; ok && q.b == b {
 			delete(s.pending, w.recs[i].id)
+			delete(s.saving, w.recs[i].id)
 		}
 	}
 	s.mu.Unlock()
@@ -777,17 +785,29 @@ func (s *Store) Save(ctx context.Context, m *storage.Message) (bool, error) {
 			return false, s.duplicateUnlock(e, m)
 		}
 		if other, queuedAlready := s.pending[id]; queuedAlready {
-			// The same id is being saved (or was just finished): once that
-			// record is applied, the index says whether ours is a duplicate
-			// of it, another message, or (it failed) to be saved.
+			// The same id is being saved (or was just finished). A save of
+			// it that succeeded decides ours: the index may no longer hold
+			// that message (delivered, acknowledged and deleted meanwhile),
+			// and storing ours would deliver it twice. After a finish, or a
+			// save that failed, the index decides.
+			digest, save := s.saving[id]
 			s.mu.Unlock()
-			if err := s.wait(ctx, "save "+m.ID(), other.b, other.i); err != nil && ctx.Err() != nil {
+			err := s.wait(ctx, "save "+m.ID(), other.b, other.i)
+			if err != nil && ctx.Err() != nil {
 				return false, err
+			}
+			if s.savedWaited != nil {
+				s.savedWaited()
+			}
+			if err == nil && save {
+				return false, duplicateOf(digest, m)
 			}
 			continue
 		}
 		b, i := s.enqueueLocked(r, enc)
 		s.pending[id] = queued{b, i}
+		// Cloned: a caller that stops waiting may reuse m.
+		s.saving[id] = bytes.Clone(m.Digest)
 		s.mu.Unlock()
 		if err := s.wait(ctx, "save "+m.ID(), b, i); err != nil {
 			return false, err
@@ -813,10 +833,17 @@ func (s *Store) duplicateUnlock(e entry, m *storage.Message) error {
 	s.mu.Unlock()
 	r, err := s.readRecord(e.save)
 	s.segMu.RUnlock()
-	switch {
-	case err != nil:
+	if err != nil {
 		return fmt.Errorf("file store: save %s: read the stored message to compare: %w", m.ID(), err)
-	case len(r.digest) == 0 || bytes.Equal(r.digest, m.Digest):
+	}
+	return duplicateOf(r.digest, m)
+}
+
+// duplicateOf is Save's answer for m when a message of its id with the
+// Digest stored is held: nil when the Digests are equal or either is
+// unknown, else ErrConflict.
+func duplicateOf(stored []byte, m *storage.Message) error {
+	if len(stored) == 0 || len(m.Digest) == 0 || bytes.Equal(stored, m.Digest) {
 		return nil
 	}
 	// No digest in the error: it may reach the producer that reused the id.
