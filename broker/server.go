@@ -360,6 +360,10 @@ func (s *Server) publish(sess *session, p *protocol.Packet) error {
 			clipForLog(h.GetGroupId()), clipForLog(sess.groupId)))
 		return nil
 	}
+	// A consumer may trust the header's groupId as the producer's: it is
+	// the connection's, whatever the producer wrote (v1 producers write
+	// their own).
+	h.GroupId = &sess.groupId
 	if !hasCreateTime(h) { // none, or 0 (validateTimes)
 		h.CreateTime = ptr(now.Unix())
 	}
