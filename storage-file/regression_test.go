@@ -418,11 +418,7 @@ func TestDueFromZeroCursorReturnsMessagesBefore1970(t *testing.T) {
 // fail with ENOSPC meanwhile, so saves fail although the disk has room.
 // The test runs on a small tmpfs, which it mounts (make test runs as root).
 func TestSpareDoesNotTakeTheRoomSavesNeed(t *testing.T) {
-	dir := t.TempDir()
-	if err := syscall.Mount("tmpfs", dir, "tmpfs", 0, "size=12m"); err != nil {
-		t.Fatalf("cannot mount a tmpfs (the test runs as root, as make test does): %v", err)
-	}
-	defer syscall.Unmount(dir, syscall.MNT_DETACH)
+	dir := mountTmpfs(t, 12<<20)
 	const segment = 8 << 20
 	// 6 MiB free: not enough for a spare segment, plenty for the saves
 	// below and the 1 MiB reserve they leave (room.go).

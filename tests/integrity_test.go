@@ -32,6 +32,20 @@ func authFile(t *testing.T, lines ...string) string {
 	return "-auth-file=" + path
 }
 
+// startWithAuth starts a kiteq process on the memory store that requires
+// the groups of lines, and logs its stderr when the test fails.
+func startWithAuth(t *testing.T, lines ...string) (addr string, stderr *syncBuffer) {
+	t.Helper()
+	addr = freePort(t)
+	_, stderr, _ = startKiteq(t, buildKiteq(t), addr, "-db=memory://", authFile(t, lines...))
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Log(stderr.String())
+		}
+	})
+	return addr, stderr
+}
+
 // startAuthClient starts a client-go client with its secret.
 func startAuthClient(t *testing.T, addr, group, secret string, l client.IListener, topics []string, bs ...*binding.Binding) *client.KiteQClient {
 	t.Helper()
@@ -127,15 +141,7 @@ func oldStyleNextIDs(id string, n int) []string {
 // send under an id that another producer already used is refused with a
 // reason, never acknowledged as stored.
 func TestForgedIdsCannotTakeOverAnotherProducersMessages(t *testing.T) {
-	bin := buildKiteq(t)
-	addr := freePort(t)
-	_, stderr, _ := startKiteq(t, bin, addr, "-db=memory://",
-		authFile(t, "shop:shop-secret", "billing:billing-secret", "attacker:attacker-secret"))
-	defer func() {
-		if t.Failed() {
-			t.Log(stderr.String())
-		}
-	}()
+	addr, _ := startWithAuth(t, "shop:shop-secret", "billing:billing-secret", "attacker:attacker-secret")
 
 	consumer := newRecorder("billing")
 	startAuthClient(t, addr, "billing", "billing-secret", consumer, nil, binding.Bind_Direct("billing", "trade", "pay-succ", 1000, true))
@@ -256,15 +262,7 @@ func (c *rawConn) txAck(id string, status protocol.TxStatus) {
 // or rollback for shop's undecided transactions changes nothing: the
 // message shop rolls back is never delivered, the one shop commits is.
 func TestTxDecisionsOnlyFromTheProducerGroup(t *testing.T) {
-	bin := buildKiteq(t)
-	addr := freePort(t)
-	_, stderr, _ := startKiteq(t, bin, addr, "-db=memory://",
-		authFile(t, "shop:shop-secret", "billing:billing-secret", "attacker:attacker-secret"))
-	defer func() {
-		if t.Failed() {
-			t.Log(stderr.String())
-		}
-	}()
+	addr, stderr := startWithAuth(t, "shop:shop-secret", "billing:billing-secret", "attacker:attacker-secret")
 	consumer := newRecorder("billing")
 	startAuthClient(t, addr, "billing", "billing-secret", consumer, nil, binding.Bind_Fanout("billing", "trade", 1000, true))
 	shop := startAuthClient(t, addr, "shop", "shop-secret", newRecorder("shop"), []string{"trade"})
@@ -373,15 +371,7 @@ func runKiteq(bin string, args ...string) (string, error) {
 // line does not let it consume the topic cannot bind it: every one of 100
 // orders goes to shop's own consumer.
 func TestRogueConsumerCannotJoinAGroup(t *testing.T) {
-	bin := buildKiteq(t)
-	addr := freePort(t)
-	_, stderr, _ := startKiteq(t, bin, addr, "-db=memory://",
-		authFile(t, "shop:shop-secret sub=orders pub=", "web:web-secret pub=orders sub=", "feed:feed-secret sub=news pub=news"))
-	defer func() {
-		if t.Failed() {
-			t.Log(stderr.String())
-		}
-	}()
+	addr, _ := startWithAuth(t, "shop:shop-secret sub=orders pub=", "web:web-secret pub=orders sub=", "feed:feed-secret sub=news pub=news")
 	orders := newRecorder("shop")
 	startAuthClient(t, addr, "shop", "shop-secret", orders, nil, binding.Bind_Fanout("shop", "orders", 1000, true))
 
